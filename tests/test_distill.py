@@ -1,0 +1,97 @@
+"""The distillation loop on the tiny SD stack: K-view accumulation, counting, schedules."""
+
+import pytest
+import torch
+
+from mvsdi.cameras import sample_views
+from mvsdi.config import preset
+from mvsdi.distill import Distiller, Model, seeded_generator, view_losses
+from mvsdi.field import FieldConfig
+from mvsdi.guidance import guidance_loss, guidance_target, sdi_unet_calls
+from mvsdi.priors.stable_diffusion import StableDiffusionPrior
+from mvsdi.render import render
+from mvsdi.schedules import Schedules, ShadingSchedule, fraction_spent
+
+CPU = torch.device("cpu")
+SMALL_FIELD = FieldConfig(n_levels=4, log2_table_size=12, base_resolution=8, per_level_scale=2.0, hidden_dim=16)
+
+
+@pytest.fixture(scope="module")
+def prior(tiny_sd_folder):
+    return StableDiffusionPrior(str(tiny_sd_folder), device="cpu")
+
+
+def small(name, **kw):
+    base = dict(prompt="a wooden chair", model="tiny", device="cpu", resolution=16, samples_per_ray=16,
+                eval_views=4, eval_resolution=16, field=SMALL_FIELD)
+    base.update(kw)
+    return preset(name, **base)
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                      for p in [*model.field.parameters(), *model.background.parameters()]])
+
+
+@pytest.mark.parametrize("name", ["mvsdi-k4", "mvsds-k2"])
+def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(prior, name):
+    """Distiller.step (view by view, loss/K, backward each) == one batched forward of the mean loss."""
+    config = small(name, budget=8, perturb_samples=False,
+                   schedules=Schedules(shading=ShadingSchedule(ambient_only_until=1.0)))
+    torch.manual_seed(0)
+    distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
+    reference = Model.create(config, CPU)
+    reference.load_state_dict(distiller.model.state_dict())
+    distiller.step()
+    accumulated = grads(distiller.model)
+
+    # the same step, recomputed with all K views in one batch
+    f = fraction_spent(0, config.views, config.budget)
+    reference.field.set_active_levels(config.schedules.levels(f, SMALL_FIELD.n_levels))
+    step_rng = seeded_generator("cpu", config.seed, 0)
+    from mvsdi.guidance import timestep
+    t = timestep(config.guidance, f, step_rng, prior.num_train_timesteps)
+    cameras = sample_views(config.sampler, config.views, step_rng, config.cameras)
+    view_rngs = [seeded_generator("cpu", config.seed, 0, k) for k in range(config.views)]
+    for g in view_rngs:  # the step draws each view's shading first
+        assert config.schedules.shading(f, g) == "albedo"
+    weights = config.schedules.weights.at(f)
+    out = render(reference.field, reference.background, cameras, 16, 16, n_samples=16, shading="albedo")
+    latents = prior.encode_images(out.rgb.permute(0, 3, 1, 2))
+    target = guidance_target(config.guidance, distiller.conditioning, prior.alphas_cumprod, latents, cameras, t,
+                             view_rngs)
+    terms = view_losses(config, out, cameras, weights, guidance_loss(config.guidance, latents, target))
+    (sum(terms.values()) / config.views).backward()
+    batched = grads(reference)
+    assert accumulated.abs().max() > 0
+    assert torch.allclose(accumulated, batched, rtol=1e-4, atol=1e-7 + 1e-4 * batched.abs().max().item())
+
+
+def test_unet_calls_follow_the_t_schedule_and_evaluations_the_budget(prior):
+    config = small("mvsdi-k2", budget=12)
+    distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
+    before = prior.counters.calls
+    records = [distiller.step() for _ in range(config.steps)]
+    assert len(records) == 6 and records[-1]["guidance_evaluations"] == 12
+    expected = [config.views * sdi_unet_calls(r["t"], config.guidance, 1000) for r in records]
+    assert [r["unet_calls_step"] for r in records] == expected
+    assert prior.counters.calls - before == sum(expected)
+    # SDI anneals t from 980 down as the budget is spent
+    assert records[0]["t"] == 980 and all(a["t"] > b["t"] for a, b in zip(records, records[1:]))
+
+
+def test_sds_evaluation_is_one_unet_call(prior):
+    config = small("mvsds-k2", budget=4)
+    distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
+    records = [distiller.step() for _ in range(config.steps)]
+    assert [r["unet_calls_step"] for r in records] == [2, 2]
+
+
+def test_k_views_at_equal_budget_follow_the_same_schedule(prior):
+    seen = {}
+    for name in ("sdi", "mvsdi-k2", "mvsdi-k4"):
+        config = small(name, budget=8)
+        distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
+        seen[name] = {r["fraction"]: (r["t"], r["levels"]) for r in (distiller.step() for _ in range(config.steps))}
+    for fraction, value in seen["mvsdi-k4"].items():
+        assert seen["sdi"][fraction] == value == seen["mvsdi-k2"][fraction]
