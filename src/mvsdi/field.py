@@ -29,7 +29,12 @@ class FieldConfig:
     hidden_dim: int = 64
     blob_scale: float = 10.0  # Magic3D density blob: bias = blob_scale * (1 - |x| / blob_std)
     blob_std: float = 0.5
+    normal_type: str = "analytic"  # "analytic" (autograd, the reference's) or "finite_difference"
     normal_eps: float = 1e-2  # finite-difference step for normals (world units)
+
+    def __post_init__(self) -> None:
+        if self.normal_type not in ("analytic", "finite_difference"):
+            raise ValueError(f"normal_type must be 'analytic' or 'finite_difference', got {self.normal_type!r}")
 
 
 class HashGridEncoding(nn.Module):
@@ -143,6 +148,26 @@ class Field(nn.Module):
 
     def density(self, x: Tensor) -> Tensor:
         return self(x)[0]
+
+    def with_normals(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(density, albedo, unit outward normals) at x, normals as ``cfg.normal_type`` says.
+
+        Analytic normals reuse the one forward pass: -∇density by autograd, with a graph for the
+        second backward when gradients are being recorded (training), without one otherwise.
+        This costs about 3 plain evaluations where central differences cost 7.
+        """
+        if self.cfg.normal_type == "finite_difference":
+            density, albedo = self(x)
+            return density, albedo, self.normals(x)
+        training = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            density, albedo = self(x)
+            (grad,) = torch.autograd.grad(density.sum(), x, create_graph=training)
+        normals = F.normalize(-grad, dim=-1, eps=1e-12)
+        if not training:
+            density, albedo = density.detach(), albedo.detach()
+        return density, albedo, normals
 
     def normals(self, x: Tensor) -> Tensor:
         """Unit outward normals -grad(density), by central differences (one batched call of 6 points).

@@ -122,7 +122,7 @@ def render(field: Field, background: Background, cameras: Cameras, height: int, 
            perturb: bool = False, generator: torch.Generator | None = None, need_normals: bool = True) -> RenderOutput:
     """Render N cameras at height x width; ``shading`` is one mode for all images or one per camera.
 
-    Normals (6 extra density evaluations per sample) are computed when the shading needs them or
+    Normals are computed when the shading needs them or
     ``need_normals`` is set; otherwise the normal map and the orientation penalty are zeros.
     """
     names = _shading_list(shading, len(cameras))
@@ -131,8 +131,10 @@ def render(field: Field, background: Background, cameras: Cameras, height: int, 
     t, delta = sample_distances(near, far, n_samples, perturb, generator)  # [N, H, W, S], [N, H, W, 1]
     points = origins[..., None, :] + t[..., None] * directions[..., None, :]  # [N, H, W, S, 3]
 
-    density, albedo = field(points)
-    normals = field.normals(points) if need_normals or any(n != "albedo" for n in names) else None
+    if need_normals or any(n != "albedo" for n in names):
+        density, albedo, normals = field.with_normals(points)
+    else:
+        (density, albedo), normals = field(points), None
     colour = shade(albedo, normals, points, cameras, names, shading_cfg)
 
     weights = composite_weights(density, delta)  # rays that miss the cube have delta 0, so w = 0
