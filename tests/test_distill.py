@@ -95,3 +95,30 @@ def test_k_views_at_equal_budget_follow_the_same_schedule(prior):
         seen[name] = {r["fraction"]: (r["t"], r["levels"]) for r in (distiller.step() for _ in range(config.steps))}
     for fraction, value in seen["mvsdi-k4"].items():
         assert seen["sdi"][fraction] == value == seen["mvsdi-k2"][fraction]
+
+
+def test_a_non_finite_step_is_skipped_and_counted(prior, monkeypatch):
+    import mvsdi.distill as distill_module
+
+    config = small("sds", budget=3)
+    distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
+    real = distill_module.guidance_loss
+    poisoned = {"left": 1}
+
+    def sometimes_nan(cfg, latents, target):
+        loss = real(cfg, latents, target)
+        if poisoned["left"]:
+            poisoned["left"] -= 1
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(distill_module, "guidance_loss", sometimes_nan)
+    before = [p.detach().clone() for p in distiller.model.field.parameters()]
+    first = distiller.step()
+    assert first["skipped"] and distiller.counters.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, distiller.model.field.parameters()))
+    assert not distiller.optimizer.state  # Adam never saw the NaN gradient
+    second = distiller.step()
+    assert not second["skipped"] and second["guidance_evaluations"] == 2
+    assert all(torch.isfinite(p).all() for p in distiller.model.field.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, distiller.model.field.parameters()))

@@ -11,6 +11,7 @@ view whatever K is, and the update equals the gradient of the mean loss over the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,6 +40,7 @@ def seeded_generator(device: torch.device | str, *key: int) -> torch.Generator:
 class Counters:
     guidance_evaluations: int = 0
     steps: int = 0
+    skipped_steps: int = 0  # steps not applied because their loss or gradient was not finite
 
 
 @dataclass
@@ -109,21 +111,23 @@ class Distiller:
                       n_samples=c.samples_per_ray, shading=shading, perturb=c.perturb_samples,
                       generator=generator, need_normals=self.needs_normals(weights, shading))
 
-    def step(self) -> dict[str, Any]:
-        """One optimiser step over K views; returns the step's log record."""
-        c, step = self.config, self.counters.steps
-        fraction = fraction_spent(step, c.views, c.budget)
+    def accumulate_gradients(self, fraction: float, key: tuple[int, ...]) -> dict[str, Any]:
+        """Sample K views and backward each view's loss / K into the parameters' ``.grad``.
+
+        All randomness comes from generators seeded by ``key`` (the step's) and ``key + (k,)``
+        (view k's). Returns the mean loss terms, t and the shadings.
+        """
+        c = self.config
         self.model.field.set_active_levels(c.schedules.levels(fraction, c.field.n_levels))
-        step_rng = seeded_generator("cpu", c.seed, step)
+        step_rng = seeded_generator("cpu", *key)
         t = timestep(c.guidance, fraction, step_rng, self.prior.num_train_timesteps)
         cameras = sample_views(c.sampler, c.views, step_rng, c.cameras)
         weights = c.schedules.weights.at(fraction)
-        calls_before = self.prior.counters.calls
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         shadings = []
         for k in range(c.views):
-            view_rng = seeded_generator(self.device, c.seed, step, k)
+            view_rng = seeded_generator(self.device, *key, k)
             shading = c.schedules.shading(fraction, view_rng)
             shadings.append(shading)
             camera = cameras[k].to(self.device)
@@ -136,18 +140,36 @@ class Distiller:
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / c.views
             del out, latents, target, terms  # free the view's graph before the next view
+        return {"t": t, "terms": totals, "shading": shadings}
+
+    def step(self) -> dict[str, Any]:
+        """One optimiser step over K views; returns the step's log record.
+
+        A step whose loss or gradient is not finite is not applied (Adam's moments would carry
+        the NaN forever); its evaluations still count against the budget and it is logged.
+        """
+        c, step = self.config, self.counters.steps
+        fraction = fraction_spent(step, c.views, c.budget)
+        calls_before = self.prior.counters.calls
+        result = self.accumulate_gradients(fraction, (c.seed, step))
+        loss = sum(result["terms"].values())
         grad_norm = _grad_norm(self.model)
-        self.optimizer.step()
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.counters.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
         self.counters.steps += 1
         self.counters.guidance_evaluations += c.views
         return {
-            "step": step, "fraction": fraction, "t": t, "loss": sum(totals.values()),
-            **{f"loss_{k}": v for k, v in totals.items()},
+            "step": step, "fraction": fraction, "t": result["t"], "loss": loss,
+            **{f"loss_{k}": v for k, v in result["terms"].items()},
             "guidance_evaluations": self.counters.guidance_evaluations,
             "unet_calls": self.prior.counters.calls, "unet_calls_step": self.prior.counters.calls - calls_before,
             "unet_images": self.prior.counters.images,
             "lr": self.optimizer.param_groups[0]["lr"], "levels": self.model.field.active_levels,
-            "shading": shadings, "grad_norm": grad_norm,
+            "shading": result["shading"], "grad_norm": grad_norm, "skipped": skipped,
         }
 
     @torch.no_grad()

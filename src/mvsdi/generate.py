@@ -90,6 +90,7 @@ def generate(config: RunConfig, out: Path, overwrite: bool = False, progress: bo
         run.write_summary({
             "status": "completed", "prompt": config.prompt, "preset": config.preset,
             "steps": distiller.counters.steps, "views_per_step": config.views,
+            "skipped_steps": distiller.counters.skipped_steps,
             "guidance_evaluations": distiller.counters.guidance_evaluations,
             "unet_calls": prior.counters.calls, "unet_images": prior.counters.images,
             "train_seconds": wall, "evaluation_seconds": time.perf_counter() - started,
