@@ -101,3 +101,12 @@ def test_unwritable_output_fails_before_training(tmp_path, capsys):
     code, text = run(["generate", "a cat", "--budget", "2", "--out", str(blocker), *FAST], capsys)
     assert code == 2 and "not a directory" in text
     assert Path(blocker).read_text() == "x"
+
+
+def test_eval_is_wired_into_the_main_command(finished_run, capsys):
+    code, text = run(["eval", str(finished_run), "--metrics", "divergence"], capsys)
+    assert code == 0 and "a ripe strawberry" in text
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert "diverged" in json.dumps(metrics)
+    code, text = run(["eval", str(finished_run), "--metrics", "clip_scroe"], capsys)
+    assert code == 2 and "clip_score" in text

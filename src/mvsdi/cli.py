@@ -53,11 +53,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mvsdi", description="Text-to-3D by multi-view score distillation.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_generate(sub)
-    args = parser.parse_args(argv)
+def _run_generate(args: argparse.Namespace) -> int:
     from mvsdi.priors.stable_diffusion import PriorLoadError
     from mvsdi.rundir import RunDirectoryError
 
@@ -69,6 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mvsdi: interrupted; the output directory was left as it was", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mvsdi.evaluate import cli as evaluate_cli
+
+    parser = argparse.ArgumentParser(prog="mvsdi", description="Text-to-3D by multi-view score distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    evaluate_cli.add_parser(sub)
+    commands = {"generate": _run_generate, "eval": evaluate_cli.run}
+    args = parser.parse_args(argv)
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""``mvsdi eval RUN [RUN...]``: the paper's metrics on run directories.
+
+``add_parser(subparsers)`` adds the subcommand; ``run(args)`` executes it and returns the exit code
+(0 done, 2 a bad input or a model that cannot be loaded, with the reason on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from mvsdi.evaluate.clip_metrics import CLIP_B16, CLIP_B32, HPS_FILE, HPS_REPO
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from mvsdi.evaluate.runs import DEFAULT_METRICS, KNOWN_METRICS
+
+    p = subparsers.add_parser(
+        "eval", help="compute evaluation metrics of run directories",
+        description="Compute CLIP score, CLIP R-Precision, CLIP-IQA, the Janus score and the divergence flag on "
+                    "the evaluation renders of each RUN, and write RUN/metrics.json. See docs/evaluation.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories written by `mvsdi generate`")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                   help=f"comma-separated, from: {', '.join(KNOWN_METRICS)}")
+    p.add_argument("--prompts", type=Path, help="R-Precision's candidate prompts, one per line (default: the "
+                   "43 SDI benchmark prompts); the runs' own prompts are always added")
+    p.add_argument("--clip-b32", default=CLIP_B32, metavar="ID_OR_PATH",
+                   help="CLIP for CLIP score, R-Precision and Janus: hub id or local folder")
+    p.add_argument("--clip-b16", default=CLIP_B16, metavar="ID_OR_PATH", help="CLIP for CLIP-IQA")
+    p.add_argument("--hpsv2", metavar="CHECKPOINT",
+                   help=f"HPSv2.1 checkpoint file (default: {HPS_FILE} of the {HPS_REPO} hub repo, from the cache)")
+    p.add_argument("--hpsv2-tokenizer", default=CLIP_B32, metavar="ID_OR_PATH",
+                   help="a CLIP tokenizer for HPSv2.1 (OpenAI's BPE, shared by OpenCLIP ViT-H/14)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--force", action="store_true",
+                   help="evaluate runs from another mvsdi minor version or without summary.json")
+    return p
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _line(result: dict[str, Any]) -> str:
+    if result.get("missing"):
+        return f"{result['run']}: missing (counted as diverged)"
+    m = result["metrics"]
+    parts = [f"{result['run']}: {result['prompt']!r}", f"views={result['views']}"]
+    for name in ("clip_score", "r_precision", "hpsv2"):
+        if name in m:
+            parts.append(f"{name}={_fmt(m[name]['mean'])}")
+    if "clip_iqa" in m:
+        parts.append("clip_iqa=" + "/".join(_fmt(m["clip_iqa"][k]["mean"]) for k in ("quality", "sharpness", "real")))
+    if "janus" in m:
+        parts.append(f"janus={_fmt(m['janus']['value'])}")
+    div = result["divergence"]
+    parts.append(f"DIVERGED ({div['reason']})" if div["diverged"] else "ok")
+    return "  ".join(parts)
+
+
+def _evaluator(args: argparse.Namespace):
+    from mvsdi.evaluate.runs import Evaluator, benchmark_prompts, candidate_prompts, parse_metrics, read_run, \
+        read_prompt_file
+    from mvsdi.priors.loading import resolve_device
+
+    metrics = parse_metrics(args.metrics)
+    prompt_list = read_prompt_file(args.prompts) if args.prompts else benchmark_prompts()
+    # read every run first: a bad run fails before minutes of model loading
+    runs = [read_run(path, args.force) for path in args.runs]
+    candidates = candidate_prompts([r.prompt for r in runs if r is not None], prompt_list)
+    evaluator = Evaluator(metrics, candidates, clip_b32=args.clip_b32, clip_b16=args.clip_b16,
+                          hpsv2_checkpoint=args.hpsv2, hpsv2_tokenizer=args.hpsv2_tokenizer,
+                          device=resolve_device(args.device))
+    evaluator.check_available()
+    return evaluator
+
+
+def run(args: argparse.Namespace) -> int:
+    from mvsdi.evaluate.clip_metrics import MetricLoadError
+    from mvsdi.evaluate.runs import evaluate_run
+    from mvsdi.rundir import RunDirectoryError
+
+    try:
+        evaluator = _evaluator(args)
+        for path in args.runs:
+            result = evaluate_run(path, evaluator, force=args.force)
+            print(_line(result), flush=True)
+    except (ValueError, MetricLoadError, RunDirectoryError, OSError) as exc:
+        print(f"mvsdi eval: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
