@@ -3,6 +3,8 @@ import os
 # Tests never reach a model hub: every model is built in code.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Spin-waiting OpenMP threads make torch ~50x slower on a 2-core machine with any other load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,6 +8,10 @@ import re
 import sys
 from pathlib import Path
 
+# Before torch loads OpenMP: with busy-waiting threads, torch on a shared 2-core machine ran ~50x
+# slower whenever another process was busy (measured: testbed tests 133 s → 7 s with PASSIVE).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from mvsdi.cameras import SAMPLERS
 from mvsdi.config import DEFAULT_BUDGET, PRESETS, preset
 
@@ -69,16 +73,17 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from mvsdi.evaluate import cli as evaluate_cli
+    from mvsdi.testbed import cli as testbed_cli
 
     parser = argparse.ArgumentParser(prog="mvsdi", description="Text-to-3D by multi-view score distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     evaluate_cli.add_parser(sub)
-    commands = {"generate": _run_generate, "eval": evaluate_cli.run}
+    testbed_cli.add_parser(sub)
+    commands = {"generate": _run_generate, "eval": evaluate_cli.run, "testbed": testbed_cli.run}
     args = parser.parse_args(argv)
     return commands[args.command](args)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

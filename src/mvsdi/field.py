@@ -18,7 +18,7 @@ from torch import Tensor, nn
 _PRIMES = (1, 2654435761, 805459861)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FieldConfig:
     bound: float = 1.0  # the field lives in the cube [-bound, bound]^3; outside, density is 0
     n_levels: int = 16
