@@ -4,10 +4,9 @@
 setup:
 	bash scripts/setup.sh
 
-# Main job on the embedded default: no download, a few seconds on 2 CPU cores.
+# Main job on the embedded default: the weights-free ground-truth study, small setting (no download).
 demo: setup
-	.venv/bin/mvsdi generate "a ripe strawberry" --model tiny --preset mvsdi-k2 --budget 32 \
-		--resolution 32 --samples-per-ray 32 --eval-resolution 32 --device cpu --out runs/demo --overwrite
+	.venv/bin/mvsdi testbed --out runs/testbed
 
 test: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

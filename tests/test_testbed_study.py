@@ -32,7 +32,7 @@ def test_study_writes_tables_plots_and_turntables(tmp_path):
     variance = json.loads((tmp_path / "variance.json").read_text())
     assert variance[0]["method"] == "K1" and variance[0]["ratio"] == 1.0
     gif = iio.imread(tmp_path / "turntable_sds_mug.gif")
-    assert gif.shape[0] == 50 and gif.shape[2] == 16 * (len(METHODS) + 1)  # truth + every method
+    assert gif.shape[0] == 50 and gif.shape[1] == 128 and gif.shape[2] == 128 * (len(METHODS) + 1)  # truth + methods
 
 
 def test_summary_statistics():

@@ -265,13 +265,16 @@ def plot_variance(variance: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-def write_turntables(frames: dict[tuple[str, str], dict[str, np.ndarray]], out: Path) -> list[Path]:
-    """One GIF per (guidance, scene): the methods side by side, truth first."""
+def write_turntables(frames: dict[tuple[str, str], dict[str, np.ndarray]], out: Path, min_side: int = 128) -> list[Path]:
+    """One GIF per (guidance, scene): the methods side by side, truth first, enlarged (nearest
+    neighbour) to at least ``min_side`` pixels so small renders can be inspected."""
     import imageio.v3 as iio
 
     paths = []
     for (guidance, scene), by_method in frames.items():
         strips = np.concatenate(list(by_method.values()), axis=2)  # [V, H, W·methods, 3]
+        scale = max(1, -(-min_side // strips.shape[1]))
+        strips = strips.repeat(scale, axis=1).repeat(scale, axis=2)
         path = out / f"turntable_{guidance}_{scene}.gif"
         iio.imwrite(path, strips, duration=80, loop=0)
         paths.append(path)
