@@ -25,6 +25,7 @@ def test_study_writes_tables_plots_and_turntables(tmp_path):
     assert {r["method"] for r in rows} == {m.name for m in METHODS}
     final = [r for r in rows if r["fraction"] == 1.0]
     assert all(r["guidance_evaluations"] == 8 for r in final)
+    assert all(r["unet_calls"] == 8 for r in final)  # SDS: one call per evaluation, counted per cell
     table = (tmp_path / "table.md").read_text()
     assert all(m.name in table for m in METHODS) and "Δpsnr vs K1" in table
     k1 = next(r for r in result["table"] if r["method"] == "K1")

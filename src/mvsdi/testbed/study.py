@@ -93,11 +93,12 @@ def run_cell(prior: IdealDenoiserPrior, config: RunConfig, fractions: tuple[floa
     """
     distiller = Distiller(config, prior, Model.create(config, device), device)
     rows = []
-    started = time.perf_counter()
+    started, calls_before = time.perf_counter(), prior.counters.calls  # the prior is shared by all cells
     for fraction in fractions:
         while distiller.counters.guidance_evaluations < round(fraction * config.budget):
             distiller.step()
-        rows.append(_measure(distiller, prior, config, fraction) | {"train_seconds": time.perf_counter() - started})
+        rows.append(_measure(distiller, prior, config, fraction) | {"train_seconds": time.perf_counter() - started,
+                                                                     "unet_calls": prior.counters.calls - calls_before})
     with torch.no_grad():
         renders, _ = render_views(distiller.model.field, ConstantBackground(), config.eval_views,
                                   config.eval_resolution, config.samples_per_ray)
@@ -107,15 +108,14 @@ def run_cell(prior: IdealDenoiserPrior, config: RunConfig, fractions: tuple[floa
 def _measure(distiller: Distiller, prior: IdealDenoiserPrior, config: RunConfig, fraction: float) -> dict[str, Any]:
     metrics = evaluate_field(distiller.model.field, distiller.model.background, config.prompt, prior,
                              n_samples=config.samples_per_ray)
-    return {"fraction": fraction, "guidance_evaluations": distiller.counters.guidance_evaluations,
-            "unet_calls": prior.counters.calls, **metrics}
+    return {"fraction": fraction, "guidance_evaluations": distiller.counters.guidance_evaluations, **metrics}
 
 
 def initial_metrics(settings: StudySettings, prior: IdealDenoiserPrior, scene: str, seed: int,
                     device: torch.device) -> dict[str, Any]:
     config = cell_config(settings, settings.guidances[0], METHODS[0], scene, seed)
     distiller = Distiller(config, prior, Model.create(config, device), device)
-    return _measure(distiller, prior, config, 0.0) | {"train_seconds": 0.0}
+    return _measure(distiller, prior, config, 0.0) | {"train_seconds": 0.0, "unet_calls": 0}
 
 
 def variance_rows(settings: StudySettings, prior: IdealDenoiserPrior, guidance: str, scene: str,
