@@ -7,7 +7,7 @@ from mvsdi.cameras import sample_views
 from mvsdi.config import preset
 from mvsdi.distill import Distiller, Model, seeded_generator, view_losses
 from mvsdi.field import FieldConfig
-from mvsdi.guidance import guidance_loss, guidance_target, sdi_unet_calls
+from mvsdi.guidance import guidance_loss, guidance_target, sdi_unet_calls, timestep
 from mvsdi.priors.stable_diffusion import StableDiffusionPrior
 from mvsdi.render import render
 from mvsdi.schedules import Schedules, ShadingSchedule, fraction_spent
@@ -49,12 +49,13 @@ def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(prior, na
     f = fraction_spent(0, config.views, config.budget)
     reference.field.set_active_levels(config.schedules.levels(f, SMALL_FIELD.n_levels))
     step_rng = seeded_generator("cpu", config.seed, 0)
-    from mvsdi.guidance import timestep
-    t = timestep(config.guidance, f, step_rng, prior.num_train_timesteps)
     cameras = sample_views(config.sampler, config.views, step_rng, config.cameras)
     view_rngs = [seeded_generator("cpu", config.seed, 0, k) for k in range(config.views)]
-    for g in view_rngs:  # the step draws each view's shading first
+    ts = []
+    for g in view_rngs:  # the step draws each view's shading, then its t
         assert config.schedules.shading(f, g) == "albedo"
+        ts.append(timestep(config.guidance, f, g, prior.num_train_timesteps))
+    t = ts[0] if config.guidance.kind == "sdi" else torch.tensor(ts)
     weights = config.schedules.weights.at(f)
     out = render(reference.field, reference.background, cameras, 16, 16, n_samples=16, shading="albedo")
     latents = prior.encode_images(out.rgb.permute(0, 3, 1, 2))
@@ -73,18 +74,20 @@ def test_unet_calls_follow_the_t_schedule_and_evaluations_the_budget(prior):
     before = prior.counters.calls
     records = [distiller.step() for _ in range(config.steps)]
     assert len(records) == 6 and records[-1]["guidance_evaluations"] == 12
-    expected = [config.views * sdi_unet_calls(r["t"], config.guidance, 1000) for r in records]
+    assert all(len(set(r["t"])) == 1 for r in records)  # SDI: the views of a step share the annealed t
+    expected = [sum(sdi_unet_calls(t, config.guidance, 1000) for t in r["t"]) for r in records]
     assert [r["unet_calls_step"] for r in records] == expected
     assert prior.counters.calls - before == sum(expected)
     # SDI anneals t from 980 down as the budget is spent
-    assert records[0]["t"] == 980 and all(a["t"] > b["t"] for a, b in zip(records, records[1:]))
+    assert records[0]["t"][0] == 980 and all(a["t"][0] > b["t"][0] for a, b in zip(records, records[1:]))
 
 
-def test_sds_evaluation_is_one_unet_call(prior):
-    config = small("mvsds-k2", budget=4)
+def test_sds_evaluation_is_one_unet_call_with_its_own_t(prior):
+    config = small("mvsds-k2", budget=8)
     distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
     records = [distiller.step() for _ in range(config.steps)]
-    assert [r["unet_calls_step"] for r in records] == [2, 2]
+    assert [r["unet_calls_step"] for r in records] == [2, 2, 2, 2]
+    assert any(len(set(r["t"])) == 2 for r in records)  # views draw t independently
 
 
 def test_k_views_at_equal_budget_follow_the_same_schedule(prior):
@@ -92,7 +95,7 @@ def test_k_views_at_equal_budget_follow_the_same_schedule(prior):
     for name in ("sdi", "mvsdi-k2", "mvsdi-k4"):
         config = small(name, budget=8)
         distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
-        seen[name] = {r["fraction"]: (r["t"], r["levels"]) for r in (distiller.step() for _ in range(config.steps))}
+        seen[name] = {r["fraction"]: (r["t"][0], r["levels"]) for r in (distiller.step() for _ in range(config.steps))}
     for fraction, value in seen["mvsdi-k4"].items():
         assert seen["sdi"][fraction] == value == seen["mvsdi-k2"][fraction]
 

@@ -145,3 +145,14 @@ def test_a_view_gets_the_same_target_alone_or_in_a_batch():
 def test_mismatched_generators_are_refused():
     with pytest.raises(ValueError, match="one camera and one generator"):
         guidance_target(SDSConfig(), ToyPrompt(), alphas(), torch.zeros(2, 4, 2, 2), evaluation_cameras(2), 10, gens(1))
+
+
+def test_sds_accepts_one_t_per_view_and_sdi_refuses_it():
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    cams = evaluation_cameras(2)
+    both = guidance_target(SDSConfig(), ToyPrompt(), alphas(), z, cams, torch.tensor([100, 900]), gens(2, 30))
+    first = guidance_target(SDSConfig(), ToyPrompt(), alphas(), z[:1], cams[0], 100, gens(1, 30))
+    second = guidance_target(SDSConfig(), ToyPrompt(), alphas(), z[1:], cams[1], 900, gens(1, 31))
+    assert torch.allclose(both, torch.cat([first, second]), atol=1e-6)
+    with pytest.raises(ValueError, match="int"):
+        guidance_target(SDIConfig(), ToyPrompt(), alphas(), z, cams, torch.tensor([300, 300]), gens(2))

@@ -115,21 +115,22 @@ class Distiller:
         """Sample K views and backward each view's loss / K into the parameters' ``.grad``.
 
         All randomness comes from generators seeded by ``key`` (the step's) and ``key + (k,)``
-        (view k's). Returns the mean loss terms, t and the shadings.
+        (view k's). Returns the mean loss terms, the views' t and their shadings.
         """
         c = self.config
         self.model.field.set_active_levels(c.schedules.levels(fraction, c.field.n_levels))
         step_rng = seeded_generator("cpu", *key)
-        t = timestep(c.guidance, fraction, step_rng, self.prior.num_train_timesteps)
         cameras = sample_views(c.sampler, c.views, step_rng, c.cameras)
         weights = c.schedules.weights.at(fraction)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        shadings = []
+        shadings, ts = [], []
         for k in range(c.views):
             view_rng = seeded_generator(self.device, *key, k)
             shading = c.schedules.shading(fraction, view_rng)
+            t = timestep(c.guidance, fraction, view_rng, self.prior.num_train_timesteps)
             shadings.append(shading)
+            ts.append(t)
             camera = cameras[k].to(self.device)
             out = self.render_view(camera, shading, view_rng, weights)
             latents = self.prior.encode_images(out.rgb.permute(0, 3, 1, 2))
@@ -140,7 +141,7 @@ class Distiller:
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / c.views
             del out, latents, target, terms  # free the view's graph before the next view
-        return {"t": t, "terms": totals, "shading": shadings}
+        return {"t": ts, "terms": totals, "shading": shadings}
 
     def step(self) -> dict[str, Any]:
         """One optimiser step over K views; returns the step's log record.

@@ -43,7 +43,7 @@ class Progress:
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.bar.update(record["guidance_evaluations"] - self.bar.n)
-        self.bar.set_postfix(t=record["t"], loss=f"{record['loss']:.4g}", unet=record["unet_calls"], refresh=False)
+        self.bar.set_postfix(t=min(record["t"]), loss=f"{record['loss']:.4g}", unet=record["unet_calls"], refresh=False)
 
     def close(self) -> None:
         self.bar.close()

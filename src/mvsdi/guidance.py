@@ -58,10 +58,11 @@ GuidanceConfig = SDSConfig | SDIConfig
 
 
 def timestep(cfg: GuidanceConfig, fraction: float, generator: torch.Generator, num_train_timesteps: int) -> int:
-    """The step's diffusion time t (an integer label), a function of the budget fraction spent.
+    """A view's diffusion time t (an integer label), a function of the budget fraction spent.
 
-    SDS draws t uniformly (integers, inclusive); SDI anneals it deterministically, so K=1, 2, 4 see
-    the same t at the same fraction of their budget.
+    SDS draws t uniformly (integers, inclusive) for each view, as the reference does in every
+    guidance call: a t shared by the K views of a step would make their gradients correlated.
+    SDI anneals it deterministically, so K=1, 2, 4 see the same t at the same budget fraction.
     """
     T = num_train_timesteps
     if isinstance(cfg, SDSConfig):
@@ -86,13 +87,12 @@ def _sds_weight(cfg: SDSConfig, alpha_bar: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sds_target(cfg: SDSConfig, prompt: GuidedDenoiser, alphas_cumprod: torch.Tensor, latents: torch.Tensor,
-               cameras: Cameras, t: int, generators: list[torch.Generator]) -> torch.Tensor:
-    n = latents.shape[0]
-    alpha_bar = alphas_cumprod[t]
+               cameras: Cameras, t: int | torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    labels = torch.as_tensor(t, dtype=torch.long, device=latents.device).expand(latents.shape[0])
+    alpha_bar = alphas_cumprod[labels].view(-1, 1, 1, 1)
     noise = _randn_per_view(latents, generators)
     noisy = alpha_bar.sqrt() * latents + (1.0 - alpha_bar).sqrt() * noise
-    eps = prompt.guided_noise(noisy, torch.full((n,), t, device=latents.device, dtype=torch.long),
-                              cameras, cfg.guidance_scale)
+    eps = prompt.guided_noise(noisy, labels, cameras, cfg.guidance_scale)
     grad = torch.nan_to_num(_sds_weight(cfg, alpha_bar) * (eps - noise))
     return latents - grad
 
@@ -160,10 +160,15 @@ def sdi_target(cfg: SDIConfig, prompt: GuidedDenoiser, alphas_cumprod: torch.Ten
 
 
 def guidance_target(cfg: GuidanceConfig, prompt: GuidedDenoiser, alphas_cumprod: torch.Tensor, latents: torch.Tensor,
-                    cameras: Cameras, t: int, generators: list[torch.Generator]) -> torch.Tensor:
-    """The no-grad target for N latents of N views at time t (one generator per view)."""
+                    cameras: Cameras, t: int | torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """The no-grad target for N latents of N views at time t (one generator per view).
+
+    SDS takes one t per view ([N] tensor) or one for all; SDI's t is shared (annealed) and an int.
+    """
     if len(generators) != latents.shape[0] or len(cameras) != latents.shape[0]:
         raise ValueError("guidance_target needs one camera and one generator per latent")
+    if isinstance(cfg, SDIConfig) and not isinstance(t, int):
+        raise ValueError("SDI anneals one t for all views of a step: pass it as an int")
     fn = sds_target if isinstance(cfg, SDSConfig) else sdi_target
     return fn(cfg, prompt, alphas_cumprod, latents.detach().float(), cameras, t, generators)
 
