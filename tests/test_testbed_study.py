@@ -52,3 +52,22 @@ def test_bad_testbed_input(args, message, tmp_path, capsys):
     assert main(["testbed", "--out", str(tmp_path / "o"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_short_sds_run_beats_the_initial_blob_on_every_metric():
+    """The testbed's reason to exist: distillation with the exact prior must move toward the truth."""
+    import torch
+
+    from mvsdi.testbed.prior import IdealDenoiserPrior
+    from mvsdi.testbed.study import SMALL, cell_config, initial_metrics, run_cell
+
+    cpu = torch.device("cpu")
+    prior = IdealDenoiserPrior(n_references=SMALL.references, image_size=SMALL.image_size, device=cpu)
+    start = initial_metrics(SMALL, prior, "mug", 0, cpu)
+    rows, _ = run_cell(prior, cell_config(SMALL, "sds", METHODS[0], "mug", 0), (1.0,), cpu)
+    end = rows[-1]
+    assert not end["diverged"]
+    assert end["r_precision"] > start["r_precision"]
+    assert end["psnr"] > start["psnr"] + 1.0
+    assert end["iou"] > start["iou"]
+    assert end["janus"] < start["janus"]
