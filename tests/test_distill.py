@@ -10,6 +10,7 @@ from mvsdi.field import FieldConfig
 from mvsdi.guidance import guidance_loss, guidance_target, sdi_unet_calls, timestep
 from mvsdi.priors.stable_diffusion import StableDiffusionPrior
 from mvsdi.render import render
+from mvsdi.variance import flat_gradient
 from mvsdi.schedules import Schedules, ShadingSchedule, fraction_spent
 
 CPU = torch.device("cpu")
@@ -28,11 +29,6 @@ def small(name, **kw):
     return preset(name, **base)
 
 
-def grads(model):
-    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
-                      for p in [*model.field.parameters(), *model.background.parameters()]])
-
-
 @pytest.mark.parametrize("name", ["mvsdi-k4", "mvsds-k2"])
 def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(prior, name):
     """Distiller.step (view by view, loss/K, backward each) == one batched forward of the mean loss."""
@@ -43,7 +39,7 @@ def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(prior, na
     reference = Model.create(config, CPU)
     reference.load_state_dict(distiller.model.state_dict())
     distiller.step()
-    accumulated = grads(distiller.model)
+    accumulated = flat_gradient(distiller.model)
 
     # the same step, recomputed with all K views in one batch
     f = fraction_spent(0, config.views, config.budget)
@@ -63,7 +59,7 @@ def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(prior, na
                              view_rngs)
     terms = view_losses(out, cameras, weights, guidance_loss(config.guidance, latents, target))
     (sum(terms.values()) / config.views).backward()
-    batched = grads(reference)
+    batched = flat_gradient(reference)
     assert accumulated.abs().max() > 0
     assert torch.allclose(accumulated, batched, rtol=1e-4, atol=1e-7 + 1e-4 * batched.abs().max().item())
 

@@ -56,8 +56,7 @@ class RunningMoments:
 
 
 def flat_gradient(model: Model) -> torch.Tensor:
-    params = [*model.field.parameters(), *model.background.parameters()]
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
 def estimator_variance(distiller: Distiller, fraction: float, repeats: int, seed: int = 0) -> GradientVariance:

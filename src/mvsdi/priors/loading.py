@@ -14,7 +14,7 @@ import torch
 
 from mvsdi.priors.base import DiffusionPrior
 from mvsdi.priors.stable_diffusion import StableDiffusionPrior
-from mvsdi.priors.tiny import tiny_model_folder, write_random_stable_diffusion
+from mvsdi.priors.tiny import cache_root, write_random_stable_diffusion
 
 RANDOM_STACKS = {"tiny": "tiny", "random-sd21": "sd21-base"}
 
@@ -38,6 +38,6 @@ def load_prior(model: str, device: torch.device) -> DiffusionPrior:
         return IdealDenoiserPrior(image_size=int(size) if size else 64, device=device)
     if model in RANDOM_STACKS:
         shape = RANDOM_STACKS[model]
-        folder = write_random_stable_diffusion(tiny_model_folder().parent / f"random-{shape}", shape=shape)
+        folder = write_random_stable_diffusion(cache_root() / f"random-{shape}", shape=shape)
         return StableDiffusionPrior(str(folder), device=device)
     return StableDiffusionPrior(model, device=device)

@@ -33,9 +33,10 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
-def tiny_model_folder() -> Path:
-    """Where the default tiny stack is cached: $MVSDI_CACHE or ~/.cache/mvsdi, then tiny-sd/."""
-    return Path(os.environ.get("MVSDI_CACHE", "~/.cache/mvsdi")).expanduser() / "tiny-sd"
+def cache_root() -> Path:
+    """Where mvsdi caches what it builds (random stacks, testbed references): $MVSDI_CACHE or ~/.cache/mvsdi."""
+    return Path(os.environ.get("MVSDI_CACHE", "~/.cache/mvsdi")).expanduser()
+
 
 
 def character_vocab() -> dict[str, int]:

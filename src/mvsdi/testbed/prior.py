@@ -26,9 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -38,7 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mvsdi.cameras import CameraRanges, sample_views
+from diffusers import DDIMScheduler
+
 from mvsdi.priors.base import NetworkCounters
+from mvsdi.priors.tiny import SCHEDULER_CONFIG, cache_root
+from mvsdi.rundir import atomic_torch_save
 from mvsdi.testbed import scenes as sc
 
 FORMAT_VERSION = 1  # bump when the cache layout or the meaning of its contents changes
@@ -48,14 +50,14 @@ CHUNK_BYTES = 512 * 2 ** 20  # references are used in float64 chunks of at most 
 _VIEW_SUFFIX = re.compile(r",\s*(front|side|back|overhead) view$")
 
 
-def sd21_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
-    """ᾱ_t of SD-2.1's "scaled_linear" schedule (linear in √β), float64 [steps]."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, 0)
+def sd21_alphas_cumprod() -> Tensor:
+    """ᾱ_t of SD-2.1's schedule, from diffusers with the config the SD stacks use, so the testbed
+    and Stable Diffusion share one noise schedule."""
+    return DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod.float()
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MVSDI_CACHE", "~/.cache/mvsdi")).expanduser() / "testbed"
+    return cache_root() / "testbed"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,16 +125,8 @@ def _problem(blob: object, meta: dict) -> str | None:
 
 
 def _write_cache(path: Path, meta: dict, images: Tensor) -> None:
-    """Write atomically: a reader sees the old file or the whole new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"meta": meta, "sha256": _sha256(images), "images": images}, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(path, {"meta": meta, "sha256": _sha256(images), "images": images})
 
 
 def cached_references(scene: sc.Scene, count: int, size: int, seed: int = 0, ranges: CameraRanges = CameraRanges(),
@@ -199,7 +193,7 @@ class IdealDenoiserPrior:
         self.device = torch.device(device)
         self.image_size = size
         self.num_train_timesteps = 1000
-        self.alphas_cumprod = sd21_alphas_cumprod(self.num_train_timesteps).float().to(self.device)
+        self.alphas_cumprod = sd21_alphas_cumprod().to(self.device)
         # the published float32 values, widened: callers form x_t and x̂₀ with exactly these
         self._alphas64 = self.alphas_cumprod.double()
         self.counters = NetworkCounters()
