@@ -133,3 +133,36 @@ class RunDirectory:
     def discard(self) -> None:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a run back
+
+
+def read_checkpoint(run: str | Path) -> dict[str, Any]:
+    """The checkpoint of a run directory; a clear error if it has none or it cannot be read."""
+    path = Path(run) / CHECKPOINT
+    if not Path(run).is_dir():
+        raise RunDirectoryError(f"{run} is not a run directory (written by `mvsdi generate`)")
+    if not path.is_file():
+        raise RunDirectoryError(f"{run} has no {CHECKPOINT}: the run never reached its first checkpoint. "
+                                "Run `mvsdi generate` again (or `--resume` an interrupted run that saved one).")
+    try:
+        # weights_only: a checkpoint is data and must not run code when it is read
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise RunDirectoryError(f"{path} cannot be read ({type(exc).__name__}: {exc}); "
+                                "the file is damaged: rerun or resume from another copy") from exc
+
+
+def load_trained_model(run: str | Path, device: torch.device | str = "cpu"):
+    """(RunConfig, Model) of a run directory, the model in eval mode with the checkpoint's weights."""
+    from mvsdi.config import RunConfig
+    from mvsdi.distill import Model
+
+    checkpoint = read_checkpoint(run)
+    config = RunConfig.from_dict(checkpoint["config"])
+    model = Model.create(config, torch.device(device))
+    model.load_state_dict(checkpoint["model"])
+    model.field.eval()
+    return config, model
