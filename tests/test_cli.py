@@ -40,7 +40,7 @@ def test_generate_writes_a_complete_run_directory(finished_run):
     assert len(renders) == 50
     assert iio.imread(renders[0]).shape == (16, 16, 3)
     frames = imageio.v2.mimread(finished_run / "turntable.mp4", format="ffmpeg")
-    assert len(frames) == 50 and frames[0].shape == (16, 32, 3)  # RGB | normals
+    assert len(frames) == 50 and frames[0].shape == (16, 48, 3)  # RGB | normals | depth
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["guidance_evaluations"] == 8
     assert summary["unet_calls"] >= 8 and summary["steps"] == 4

@@ -379,8 +379,11 @@ def test_eval_bad_inputs(tiny_clip, tmp_path, capsys):
     code, _, err = eval_cli([str(old), "--force", "--prompts", str(prompts)], capsys)
     assert code == 2 and "blank line(s) [2]" in err
 
-    code, _, err = eval_cli([str(old), "--force", "--metrics", "image_reward"], capsys)
-    assert code == 2 and "not implemented" in err and "docs/evaluation.md" in err
+    # a local model path that does not exist fails before any model loads (the CLIP path here is bogus too)
+    for metric, flag in (("image_reward", "--image-reward"), ("hpsv2", "--hpsv2")):
+        code, _, err = eval_cli([str(old), "--force", "--metrics", f"clip_score,{metric}", "--clip-b32", "x/y/z",
+                                 flag, str(tmp_path / "absent")], capsys)
+        assert code == 2 and f"for {metric} from" in err and f"{flag} PATH" in err and "absent" in err
 
     code, _, err = eval_cli([str(old), "--force", "--clip-b32", str(tmp_path / "no-model")], capsys)
     assert code == 2 and "--clip-b32" in err and "no such folder" in err

@@ -7,8 +7,9 @@ import torch
 
 from mvsdi.cameras import evaluation_cameras
 from mvsdi.field import Background, Field, FieldConfig
-from mvsdi.testbed import (IdealDenoiserPrior, SCENES, SceneField, aligned_psnr, diverged,
+from mvsdi.testbed import (ConstantBackground, IdealDenoiserPrior, SCENES, SceneField, aligned_psnr, diverged,
                            evaluate_field, iou_3d, janus_score, render_truth, view_r_precision)
+from mvsdi.testbed.metrics import render_views
 
 SIZE = 24
 STEP = 360.0 / 50
@@ -66,6 +67,26 @@ def test_janus_score(truth):
     fake[back] = truth[(back + 25) % 50]  # every back view replaced by the view 180° away: a front
     assert janus_score(fake, truth) == 1.0
     assert janus_score(fake.roll(5, 0), truth, rotation_deg=5 * STEP) == 1.0  # measured after alignment
+    noisy = (truth + 0.05 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert janus_score(noisy, truth) == 0.0
+
+
+def test_janus_score_of_an_object_without_front_or_back_is_the_neutral_half(truth):
+    """The symmetric initial blob shows no front/back difference: no evidence either way."""
+    from mvsdi.testbed.metrics import janus_evidence
+
+    torch.manual_seed(0)
+    blob = Field(FieldConfig(n_levels=4, log2_table_size=10, base_resolution=4, per_level_scale=2.0, hidden_dim=8))
+    renders, _ = render_views(blob, ConstantBackground(), 50, SIZE, n_samples=24)
+    assert janus_score(renders, truth) == 0.5
+    azimuth = evaluation_cameras(50).azimuth_deg.abs()
+    evidence = janus_evidence(renders[azimuth > 135], truth[azimuth < 45], truth[azimuth > 135])
+    assert evidence.abs().max() < 0.1  # near the middle, not merely inside the tie band
+    assert janus_evidence(truth[azimuth < 45], truth[azimuth < 45], truth[azimuth > 135]).tolist() == pytest.approx(
+        [1.0] * int((azimuth < 45).sum()))
+    # halfway between a front and a back view is exactly a tie
+    front, back = truth[azimuth < 45][:1], truth[azimuth > 135][:1]
+    assert janus_evidence((front + back) / 2, front, back).abs().item() < 1e-6  # float32 midpoint
 
 
 def test_view_r_precision(prior):

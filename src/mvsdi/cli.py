@@ -15,6 +15,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from mvsdi.cameras import SAMPLERS
 from mvsdi.config import DEFAULT_BUDGET, PRESETS, preset
 
+DEFAULT_PRESET = "mvsdi-k2"
+
 
 def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "run"
@@ -24,9 +26,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="distil a 3D field from a text prompt",
                        description="Distil a 3D field from PROMPT with a frozen 2D diffusion prior.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("prompt", help="the text prompt, e.g. \"a ripe strawberry\"")
-    p.add_argument("--preset", default="mvsdi-k2",
-                   help="one of: " + "; ".join(f"{k} ({v[0]})" for k, v in PRESETS.items()))
+    p.add_argument("prompt", nargs="?", help="the text prompt, e.g. \"a ripe strawberry\" (not needed with --resume)")
+    p.add_argument("--preset", help=f"default {DEFAULT_PRESET}; one of: "
+                   + "; ".join(f"{k} ({v[0]})" for k, v in PRESETS.items()))
     p.add_argument("--views", "-k", type=int, help="K, views (guidance evaluations) per optimiser step")
     p.add_argument("--sampler", choices=list(SAMPLERS), help="how the K views of a step are drawn")
     p.add_argument("--budget", type=int, help=f"guidance evaluations in the whole run (preset: {DEFAULT_BUDGET}); "
@@ -42,22 +44,51 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run directory (default: runs/<prompt>-<preset>-s<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out once the new one completes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints (preset: 1000)")
+    p.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue the stopped or killed run RUN from its last checkpoint; other options must "
+                        "match the run's config (or pass --force)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue although options or the mvsdi version differ from the run's")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs in RUN/tensorboard")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
+
+
+OVERRIDES = ("views", "sampler", "budget", "model", "seed", "resolution", "samples_per_ray", "eval_views",
+             "eval_resolution", "device", "checkpoint_every")
+
+OUT_OF_MEMORY = (
+    "out of GPU memory. Lower --resolution (training renders) or --samples-per-ray, or --eval-resolution if "
+    "it failed while writing the outputs. K (--views) is not one of the knobs: views are accumulated one at "
+    "a time, so peak memory does not grow with K.")
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from mvsdi.generate import generate  # heavy imports only once arguments are valid
+    from mvsdi.generate import Tracking, generate, resume  # heavy imports only once arguments are valid
 
-    config = preset(args.preset, args.prompt, views=args.views, sampler=args.sampler, budget=args.budget,
-                    model=args.model, seed=args.seed, resolution=args.resolution,
-                    samples_per_ray=args.samples_per_ray, eval_views=args.eval_views,
-                    eval_resolution=args.eval_resolution, device=args.device)
-    out = args.out or Path("runs") / f"{_slug(config.prompt)}-{config.preset}-s{config.seed}"
-    path = generate(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    tracking = Tracking(tensorboard=not args.no_tensorboard, wandb=args.wandb)
+    progress = not args.no_progress
+    if args.resume:
+        if args.prompt is not None or args.preset is not None or args.out is not None or args.overwrite:
+            raise ValueError("with --resume the prompt, preset and output directory come from the run RUN; "
+                             "give none of prompt, --preset, --out, --overwrite")
+        path = resume(args.resume, overrides, force=args.force, progress=progress, tracking=tracking)
+    else:
+        if args.prompt is None:
+            raise ValueError("give a prompt, e.g. mvsdi generate \"a ripe strawberry\" (or --resume RUN)")
+        if args.force:
+            raise ValueError("--force only applies to --resume")
+        config = preset(args.preset or DEFAULT_PRESET, args.prompt, **overrides)
+        out = args.out or Path("runs") / f"{_slug(config.prompt)}-{config.preset}-s{config.seed}"
+        path = generate(config, out, overwrite=args.overwrite, progress=progress, tracking=tracking)
     print(f"run written to {path}")
     return 0
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from mvsdi.priors.stable_diffusion import PriorLoadError
     from mvsdi.rundir import RunDirectoryError
 
@@ -66,12 +97,19 @@ def _run_generate(args: argparse.Namespace) -> int:
     except (ValueError, PriorLoadError, RunDirectoryError) as exc:
         print(f"mvsdi: error: {exc}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        print(f"mvsdi: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
-        print("mvsdi: interrupted; the output directory was left as it was", file=sys.stderr)
+        print("mvsdi: interrupted. A run that reached a checkpoint is kept beside --out as .NAME.partial: "
+              "continue it with `mvsdi generate --resume OUT`; the output directory itself was left as it was",
+              file=sys.stderr)
         return 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mvsdi import export as export_cli
+    from mvsdi.bench import cli as bench_cli
     from mvsdi.evaluate import cli as evaluate_cli
     from mvsdi.testbed import cli as testbed_cli
 
@@ -79,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     evaluate_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
     testbed_cli.add_parser(sub)
-    commands = {"generate": _run_generate, "eval": evaluate_cli.run, "testbed": testbed_cli.run}
+    export_cli.add_parser(sub)
+    commands = {"generate": _run_generate, "eval": evaluate_cli.run, "bench": bench_cli.run, "testbed": testbed_cli.run,
+                "export": export_cli.run}
     args = parser.parse_args(argv)
     return commands[args.command](args)
 

@@ -19,6 +19,7 @@ from mvsdi.priors.stable_diffusion import DEFAULT_MODEL
 from mvsdi.schedules import LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule, steps_for_budget
 
 DEFAULT_BUDGET = 10_000
+VIEW_BATCHING = ("auto", "batched", "sequential")
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,21 @@ class RunConfig:
     schedules: Schedules = dataclasses.field(default_factory=Schedules)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
+    # K>1: "batched" = one prior pass for a step's K targets, "sequential" = one per view,
+    # "auto" = batched on CUDA only (the same gradient up to float rounding; see docs/performance.md)
+    view_batching: str = "auto"
+    max_consecutive_skips: int = 10  # non-finite steps in a row before rolling back to the last checkpoint
+    max_rollbacks: int = 3  # rollbacks before the run stops as diverged
 
     def __post_init__(self) -> None:
         if not self.prompt or not self.prompt.strip():
             raise ValueError("the prompt is empty: give a text such as \"a ripe strawberry\"")
         check_sampler(self.sampler, self.views)
         steps_for_budget(self.budget, self.views)
-        for name in ("resolution", "samples_per_ray", "eval_views", "eval_resolution", "checkpoint_every"):
+        if self.view_batching not in VIEW_BATCHING:
+            raise ValueError(f"view_batching must be one of {', '.join(VIEW_BATCHING)}, got {self.view_batching!r}")
+        for name in ("resolution", "samples_per_ray", "eval_views", "eval_resolution", "checkpoint_every",
+                     "max_consecutive_skips", "max_rollbacks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -11,7 +11,9 @@ view whatever K is, and the update equals the gradient of the mean loss over the
 
 from __future__ import annotations
 
+import copy
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,9 +40,45 @@ def seeded_generator(device: torch.device | str, *key: int) -> torch.Generator:
 
 @dataclass
 class Counters:
+    # spent, including the evaluations of steps that a rollback later discarded (honest accounting)
     guidance_evaluations: int = 0
-    steps: int = 0
+    steps: int = 0  # optimiser steps of the current trajectory (a rollback winds it back)
     skipped_steps: int = 0  # steps not applied because their loss or gradient was not finite
+    consecutive_skips: int = 0
+    rollbacks: int = 0  # returns to the last good checkpoint after too many consecutive skips
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators. The loop itself draws from generators keyed by (seed, step, view), so
+    these only matter to code outside it; they are saved so a resumed process continues as one."""
+    numpy_state = np.random.get_state(legacy=False)
+    # as tensors and plain values, so the checkpoint loads with torch.load(weights_only=True)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = copy.deepcopy(state["numpy"])
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -124,33 +162,84 @@ class Distiller:
 
         All randomness comes from generators seeded by ``key`` (the step's) and ``key + (k,)``
         (view k's). Returns the mean loss terms, the views' t and their shadings.
+
+        With ``batches_views()`` the K guidance targets come from one batched prior pass (see
+        ``_batched_targets``); the gradient is the sequential one up to float rounding.
         """
         c = self.config
         self.model.field.set_active_levels(c.schedules.levels(fraction, c.field.n_levels))
         step_rng = seeded_generator("cpu", *key)
-        cameras = sample_views(c.sampler, c.views, step_rng, c.cameras)
+        cameras = sample_views(c.sampler, c.views, step_rng, c.cameras).to(self.device)
         weights = c.schedules.weights.at(fraction)
         self.optimizer.zero_grad(set_to_none=True)
+        # Each view draws its shading, then its t, from its own generator; render and guidance
+        # draw from it next, so the order of views (or batching them) changes no random number.
+        rngs = [seeded_generator(self.device, *key, k) for k in range(c.views)]
+        shadings = [c.schedules.shading(fraction, g) for g in rngs]
+        ts = [timestep(c.guidance, fraction, g, self.prior.num_train_timesteps) for g in rngs]
+        if self.batches_views():
+            replays = [self._copy_generator(g) for g in rngs]  # the render's randomness, replayed with a graph
+            targets = self._batched_targets(cameras, shadings, ts, rngs, weights)
+            target_of = [lambda z, k=k: targets[k:k + 1] for k in range(c.views)]
+            rngs = replays
+        else:
+            target_of = [lambda z, k=k: guidance_target(c.guidance, self.conditioning, self.prior.alphas_cumprod, z,
+                                                        cameras[k], ts[k], [rngs[k]]) for k in range(c.views)]
         totals: dict[str, torch.Tensor] = {}
-        shadings, ts = [], []
         for k in range(c.views):
-            view_rng = seeded_generator(self.device, *key, k)
-            shading = c.schedules.shading(fraction, view_rng)
-            t = timestep(c.guidance, fraction, view_rng, self.prior.num_train_timesteps)
-            shadings.append(shading)
-            ts.append(t)
-            camera = cameras[k].to(self.device)
-            out = self.render_view(camera, shading, view_rng, weights)
-            latents = self.prior.encode_images(out.rgb.permute(0, 3, 1, 2))
-            target = guidance_target(c.guidance, self.conditioning, self.prior.alphas_cumprod, latents,
-                                     camera, t, [view_rng])
-            terms = view_losses(out, camera, weights, guidance_loss(c.guidance, latents, target))
-            (sum(terms.values()) / c.views).backward()
+            terms = self._backward_view(cameras[k], shadings[k], rngs[k], weights, target_of[k])
             for name, value in terms.items():  # detached tensors: no host sync per term and view
-                totals[name] = totals.get(name, 0.0) + value.detach() / c.views
-            del out, latents, target, terms  # free the view's graph before the next view
+                totals[name] = totals.get(name, 0.0) + value / c.views
         values = torch.stack(list(totals.values())).tolist()  # one host sync per step
         return {"t": ts, "terms": dict(zip(totals, values)), "shading": shadings}
+
+    def batches_views(self) -> bool:
+        """Whether a step's K guidance targets come from one batched prior pass.
+
+        "auto" batches on CUDA only: there a UNet call is launch-bound and K latents cost about
+        what one does, while on the CPU the extra no-graph render would only add time (and CPU
+        results stay those of the sequential reference bit for bit).
+        """
+        mode = self.config.view_batching
+        return self.config.views > 1 and (mode == "batched" or (mode == "auto" and self.device.type == "cuda"))
+
+    def _backward_view(self, camera: Cameras, shading: str, rng: torch.Generator, weights: dict[str, float],
+                       target_of: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Render one view with a graph, backward its loss / K against ``target_of(latents)``; free it."""
+        out = self.render_view(camera, shading, rng, weights)
+        latents = self.prior.encode_images(out.rgb.permute(0, 3, 1, 2))
+        target = target_of(latents)
+        terms = view_losses(out, camera, weights, guidance_loss(self.config.guidance, latents, target))
+        (sum(terms.values()) / self.config.views).backward()
+        return {name: value.detach() for name, value in terms.items()}
+
+    @torch.no_grad()
+    def _batched_targets(self, cameras: Cameras, shadings: list[str], ts: list[int], rngs: list[torch.Generator],
+                         weights: dict[str, float]) -> torch.Tensor:
+        """The K views' guidance targets [K, C, h, w] from renders without a graph and one prior pass.
+
+        Only the K detached latents are kept, so memory stays that of one view. Each generator
+        has drawn its render's randomness here, exactly as in the sequential path, before the
+        guidance draws its noise (SDS) or δ and inversion noise (SDI) from it. SDS batches with a
+        t per sample; SDI's annealed t is shared, so the views share one inversion grid.
+        """
+        c = self.config
+        latents = torch.cat([self.prior.encode_images(self.render_view(cameras[k], shadings[k], rngs[k], weights)
+                                                      .rgb.permute(0, 3, 1, 2)) for k in range(c.views)])
+        t = ts[0] if c.guidance.kind == "sdi" else torch.tensor(ts)
+        return guidance_target(c.guidance, self.conditioning, self.prior.alphas_cumprod, latents, cameras, t, rngs)
+
+    @staticmethod
+    def _copy_generator(generator: torch.Generator) -> torch.Generator:
+        """A generator that will draw exactly what ``generator`` draws next (for a replayed render)."""
+        copy_ = torch.Generator(device=generator.device)
+        copy_.set_state(generator.get_state())
+        return copy_
+
+    def step_key(self, step: int) -> tuple[int, ...]:
+        """The key of a step's generators; a rollback moves to fresh streams, or the same NaN would recur."""
+        c = self.config
+        return (c.seed, step) if self.counters.rollbacks == 0 else (c.seed, step, ROLLBACK_STREAM, self.counters.rollbacks)
 
     def step(self) -> dict[str, Any]:
         """One optimiser step over K views; returns the step's log record.
@@ -161,14 +250,16 @@ class Distiller:
         c, step = self.config, self.counters.steps
         fraction = fraction_spent(step, c.views, c.budget)
         calls_before = self.prior.counters.calls
-        result = self.accumulate_gradients(fraction, (c.seed, step))
+        result = self.accumulate_gradients(fraction, self.step_key(step))
         loss = sum(result["terms"].values())
         grad_norm = self.model.gradient_norm()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self.counters.skipped_steps += 1
+            self.counters.consecutive_skips += 1
             self.optimizer.zero_grad(set_to_none=True)
         else:
+            self.counters.consecutive_skips = 0
             self.optimizer.step()
         self.counters.steps += 1
         self.counters.guidance_evaluations += c.views
@@ -192,23 +283,82 @@ class Distiller:
                        n_samples=c.samples_per_ray, shading="albedo", need_normals=True)
                 for i in range(len(cams))]
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "counters": vars(self.counters).copy(), "prior_calls": self.prior.counters.calls,
-                "config": self.config.to_dict()}
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly: a CPU copy, safe to keep while training goes on."""
+        import mvsdi
+
+        return _cpu_copy({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "counters": vars(self.counters).copy(),
+            "prior_counters": {"calls": self.prior.counters.calls, "images": self.prior.counters.images},
+            "rng": rng_state(), "config": self.config.to_dict(), "mvsdi_version": mvsdi.__version__,
+        })
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``snapshot()``'s state (same config): weights, Adam moments, counters, generators."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.counters = Counters(**state["counters"])
+        self.prior.counters.calls = state["prior_counters"]["calls"]
+        self.prior.counters.images = state["prior_counters"]["images"]
+        set_rng_state(state["rng"])
+
+    def roll_back(self, good: dict[str, Any], count: bool = True) -> None:
+        """Return the field and Adam to the state ``good``; spent evaluations and skip counts are kept."""
+        spent = self.counters
+        self.model.load_state_dict(good["model"])
+        self.optimizer.load_state_dict(good["optimizer"])
+        self.counters = Counters(guidance_evaluations=spent.guidance_evaluations, steps=good["counters"]["steps"],
+                                 skipped_steps=spent.skipped_steps, rollbacks=spent.rollbacks + int(count))
+
+
+# rollbacks draw from generators keyed (seed, step, ROLLBACK_STREAM, n): a key no plain step can have
+ROLLBACK_STREAM = 2**31
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed", "interrupted" (a stop was requested) or "diverged" (rollbacks exhausted)
+    wall_seconds: float
+    events: list[dict[str, Any]] = field(default_factory=list)  # rollbacks, with the step they returned to
 
 
 def train(distiller: Distiller, on_step: Callable[[dict[str, Any]], None] | None = None,
-          on_checkpoint: Callable[[dict[str, Any]], None] | None = None) -> float:
-    """Run all remaining steps of the budget; returns wall seconds spent."""
+          on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+          stop_requested: Callable[[], bool] = lambda: False) -> TrainResult:
+    """Run the remaining steps of the budget.
+
+    A checkpoint is taken every ``checkpoint_every`` steps, at the end, and when a stop is requested
+    (checked between steps). After ``max_consecutive_skips`` non-finite steps in a row the run rolls
+    back to the last checkpoint; once ``max_rollbacks`` are spent it stops as diverged, with the model
+    left at that last good state.
+    """
     c = distiller.config
     start = time.perf_counter()
+    last_good = distiller.snapshot()
+    result = TrainResult("completed", 0.0)
     while distiller.counters.steps < c.steps:
+        if stop_requested():
+            result.status = "interrupted"
+            break
         record = distiller.step()
         record["wall_s"] = time.perf_counter() - start
         if on_step:
             on_step(record)
+        if distiller.counters.consecutive_skips >= c.max_consecutive_skips:
+            if distiller.counters.rollbacks >= c.max_rollbacks:
+                distiller.roll_back(last_good, count=False)  # outputs of the last good state
+                result.status = "diverged"
+                break
+            distiller.roll_back(last_good)
+            result.events.append({"event": "rollback", "at_step": record["step"], "to_step": distiller.counters.steps})
+            continue
         done = distiller.counters.steps
-        if on_checkpoint and (done % c.checkpoint_every == 0 or done == c.steps):
-            on_checkpoint(distiller.checkpoint_state())
-    return time.perf_counter() - start
+        if done % c.checkpoint_every == 0 or done == c.steps:
+            last_good = distiller.snapshot()
+            if on_checkpoint:
+                on_checkpoint(last_good)
+    if result.status == "interrupted" and on_checkpoint:
+        on_checkpoint(distiller.snapshot())
+    result.wall_seconds = time.perf_counter() - start
+    return result

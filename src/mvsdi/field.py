@@ -31,6 +31,9 @@ class FieldConfig:
     blob_std: float = 0.5
     normal_type: str = "analytic"  # "analytic" (autograd, the reference's) or "finite_difference"
     normal_eps: float = 1e-2  # finite-difference step for normals (world units)
+    # Evaluate the field under torch.compile (default mode): ~20-40x faster on an H200 (DESIGN.md).
+    # Analytic normals while training stay eager: aot_autograd has no double backward.
+    compiled: bool = False
 
     def __post_init__(self) -> None:
         if self.normal_type not in ("analytic", "finite_difference"):
@@ -122,6 +125,8 @@ class Field(nn.Module):
                                          cfg.base_resolution, cfg.per_level_scale)
         self.mlp = nn.Sequential(nn.Linear(self.encoding.output_dim, cfg.hidden_dim), nn.ReLU(),
                                  nn.Linear(cfg.hidden_dim, 4))
+        # torch.compile is lazy: it compiles at the first call, for the device the field is on then.
+        self._compiled_forward = torch.compile(self.forward_eager) if cfg.compiled else None
 
     @property
     def active_levels(self) -> int:
@@ -140,6 +145,12 @@ class Field(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(density >= 0 [...], albedo in [0, 1] [..., 3]) at world points x [..., 3]."""
+        if self._compiled_forward is not None:
+            return self._compiled_forward(x)
+        return self.forward_eager(x)
+
+    def forward_eager(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward`` in plain PyTorch: the CPU reference, and what a compiled field compiles."""
         b = self.cfg.bound
         raw = self.mlp(self.encoding((x / b + 1.0) * 0.5))
         density = F.softplus(raw[..., 0] + self.blob_bias(x))
@@ -162,7 +173,8 @@ class Field(nn.Module):
         training = torch.is_grad_enabled()
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            density, albedo = self(x)
+            # the second backward of training cannot pass through a compiled graph
+            density, albedo = (self.forward_eager if training else self)(x)
             (grad,) = torch.autograd.grad(density.sum(), x, create_graph=training)
         normals = F.normalize(-grad, dim=-1, eps=1e-12)
         if not training:

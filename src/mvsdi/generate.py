@@ -1,21 +1,43 @@
-"""``mvsdi generate``: one prompt → a trained field and a complete run directory."""
+"""``mvsdi generate``: one prompt → a trained field and a complete run directory.
+
+A run is staged (see ``RunDirectory``) and survives what real runs meet: Ctrl-C once saves a
+checkpoint and writes the outputs of the current state (twice stops at once, keeping the last
+checkpoint); ``resume`` continues a stopped or killed run and ends where an uninterrupted run ends;
+non-finite steps are skipped and, past a limit, rolled back (see ``distill.train``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import resource
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import mvsdi
 from mvsdi.config import RunConfig
-from mvsdi.distill import Distiller, Model, train
+from mvsdi.distill import Distiller, Model, TrainResult, train
 from mvsdi.priors.loading import load_prior, resolve_device
-from mvsdi.rundir import RunDirectory, to_uint8
+from mvsdi.export import images_on_cpu, normal_image, turntable_panels, write_video
+from mvsdi.rundir import TURNTABLE, RunDirectory, RunDirectoryError, read_checkpoint
+from mvsdi.tracking import Tracker, check_wandb_available
+
+VALIDATIONS_PER_RUN = 10  # validation renders (TensorBoard images, collapse check) per run
+VALIDATION_VIEWS, VALIDATION_RESOLUTION = 4, 64
+# a field whose every validation view is (almost) empty or (almost) fully opaque has collapsed
+EMPTY_OPACITY, SATURATED_OPACITY = 0.005, 0.98
+
+
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    tensorboard: bool = True
+    wandb: bool = False
 
 
 def _versions() -> dict[str, str]:
@@ -36,70 +58,220 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 class Progress:
     """A tqdm bar counting guidance evaluations (so its rate is evaluations/s and its ETA is honest)."""
 
-    def __init__(self, config: RunConfig, enabled: bool):
+    def __init__(self, config: RunConfig, enabled: bool, already_spent: int = 0):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=config.budget, unit="eval", disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(total=config.budget, initial=already_spent, unit="eval", disable=not enabled,
+                        dynamic_ncols=True)
 
     def __call__(self, record: dict[str, Any]) -> None:
-        self.bar.update(record["guidance_evaluations"] - self.bar.n)
+        self.bar.update(max(0, record["guidance_evaluations"] - self.bar.n))
         self.bar.set_postfix(t=min(record["t"]), loss=f"{record['loss']:.4g}", unet=record["unet_calls"], refresh=False)
 
     def close(self) -> None:
         self.bar.close()
 
 
+class StopOnInterrupt:
+    """Ctrl-C once: ask the loop to stop after the current step. Twice: raise KeyboardInterrupt now."""
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.previous = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.presses += 1
+        if self.presses > 1:
+            raise KeyboardInterrupt
+        print("\nmvsdi: stopping after this step: saving a checkpoint and the outputs of the current state "
+              "(Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def requested(self) -> bool:
+        return self.presses > 0
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def collapse_kind(opacity: torch.Tensor) -> str | None:
+    """'empty' or 'saturated' when every view's mean opacity says so; ``opacity``: [N, H, W, 1]."""
+    per_view = opacity.flatten(1).mean(1)
+    if bool((per_view < EMPTY_OPACITY).all()):
+        return "empty"
+    if bool((per_view > SATURATED_OPACITY).all()):
+        return "saturated"
+    return None
+
+
+class Validation:
+    """Every tenth of the run: a few small renders to TensorBoard, and the collapse check."""
+
+    def __init__(self, distiller: Distiller, tracker: Tracker):
+        self.distiller, self.tracker = distiller, tracker
+        self.every = max(1, distiller.config.steps // VALIDATIONS_PER_RUN)
+        self.collapse: dict[str, Any] | None = None  # the first collapse seen: kind and step
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if (record["step"] + 1) % self.every:
+            return
+        outs = self.distiller.evaluation_renders(VALIDATION_VIEWS, VALIDATION_RESOLUTION)
+        opacity = torch.cat([o.opacity for o in outs])
+        kind = collapse_kind(opacity)
+        if kind and self.collapse is None:
+            self.collapse = {"kind": kind, "step": record["step"], "guidance_evaluations": record["guidance_evaluations"]}
+        images = {f"view{i}": torch.cat([o.rgb[0], normal_image(o.normal[0], o.opacity[0])], dim=1)
+                  for i, o in enumerate(outs)}
+        self.tracker.log_images(record["guidance_evaluations"], images)
+
+
 def write_evaluation(run: RunDirectory, distiller: Distiller) -> int:
-    """The evaluation renders (PNG per view, RGB and normals) and a turntable video of both side by side."""
-    frames = []
-    for i, out in enumerate(distiller.evaluation_renders()):
-        rgb = out.rgb[0]
-        normal = (torch.nn.functional.normalize(out.normal[0], dim=-1) * 0.5 + 0.5) * out.opacity[0]
-        run.save_image(f"{i:03d}.png", rgb)
-        run.save_image(f"normal_{i:03d}.png", normal)
-        frames.append(np.concatenate([to_uint8(rgb), to_uint8(normal)], axis=1))
-    run.save_video(frames)
-    return len(frames)
+    """The evaluation renders (PNG per view, RGB and normals) and a turntable of RGB | normals | depth."""
+    outs = [images_on_cpu(o) for o in distiller.evaluation_renders()]
+    for i, out in enumerate(outs):
+        run.save_image(f"{i:03d}.png", out.rgb[0])
+        run.save_image(f"normal_{i:03d}.png", normal_image(out.normal[0], out.opacity[0]))
+    write_video(turntable_panels(outs), run.path / TURNTABLE)
+    return len(outs)
 
 
-def generate(config: RunConfig, out: Path, overwrite: bool = False, progress: bool = True) -> Path:
+def disk_space_needed(config: RunConfig, model: Model) -> int:
+    """Bytes a run writes at most: two checkpoints at once (weights and Adam's two moments, during
+    the atomic replace) and the uncompressed evaluation renders and video frames."""
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    renders = config.eval_views * 2 * config.eval_resolution**2 * 3
+    return 2 * 3 * parameters + 2 * renders
+
+
+def _summary(config: RunConfig, distiller: Distiller, result: TrainResult, validation: Validation,
+             device: torch.device, evaluation_seconds: float, n_renders: int) -> dict[str, Any]:
+    counters, prior = distiller.counters, distiller.prior
+    return {
+        "status": result.status, "prompt": config.prompt, "preset": config.preset,
+        "steps": counters.steps, "steps_planned": config.steps, "views_per_step": config.views,
+        "skipped_steps": counters.skipped_steps, "rollbacks": counters.rollbacks, "events": result.events,
+        "collapse": validation.collapse,
+        "guidance_evaluations": counters.guidance_evaluations, "budget": config.budget,
+        "unet_calls": prior.counters.calls, "unet_images": prior.counters.images,
+        "train_seconds": result.wall_seconds, "evaluation_seconds": evaluation_seconds,
+        "evaluations_per_second": counters.guidance_evaluations / max(result.wall_seconds, 1e-9),
+        "evaluation_renders": n_renders, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        **_peak_memory(device), "versions": _versions(),
+    }
+
+
+def _execute(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tracking,
+             start_state: dict[str, Any] | None = None) -> Path:
+    """Train (from ``start_state`` if given), write the outputs, and commit or keep the staged run."""
+    device = resolve_device(config.device)
+    if tracking.wandb:
+        check_wandb_available()
+    prior = load_prior(config.model, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = Model.create(config, device)
+    run.check_free_space(disk_space_needed(config, model))
+    run.write_config(config.to_dict())
+    distiller = Distiller(config, prior, model, device)
+    if start_state is not None:
+        distiller.restore(start_state)
+        run.truncate_log(distiller.counters.steps)
+    tracker = Tracker(run.path, config.to_dict(), tensorboard=tracking.tensorboard, wandb=tracking.wandb)
+    bar = Progress(config, progress, distiller.counters.guidance_evaluations)
+    validation = Validation(distiller, tracker)
+
+    def on_step(record: dict[str, Any]) -> None:
+        run.log(record)
+        tracker.log_step(record)
+        bar(record)
+        validation(record)
+
+    try:
+        with StopOnInterrupt() as stop:
+            result = train(distiller, on_step=on_step, on_checkpoint=run.save_checkpoint,
+                           stop_requested=stop.requested)
+    finally:
+        bar.close()
+        tracker.close()
+    started = time.perf_counter()
+    n_renders = write_evaluation(run, distiller)
+    run.write_summary(_summary(config, distiller, result, validation, device, time.perf_counter() - started, n_renders))
+    if result.status == "interrupted" and run.final_is_completed():
+        run.close()  # never replace a completed run by an interrupted one
+        print(f"mvsdi: the interrupted run is kept at {run.path}; {run.final} still holds the completed run",
+              file=sys.stderr)
+        return run.path
+    return run.commit()
+
+
+def _run_staged(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tracking,
+                start_state: dict[str, Any] | None = None) -> Path:
+    try:
+        return _execute(config, run, progress, tracking, start_state)
+    except BaseException:
+        if run.has_checkpoint():  # killed mid-run (e.g. Ctrl-C twice): keep it for --resume
+            run.close()
+        else:
+            run.discard()
+        raise
+
+
+def generate(config: RunConfig, out: Path, overwrite: bool = False, progress: bool = True,
+             tracking: Tracking = Tracking()) -> Path:
     """Train ``config`` and write its run directory at ``out``; returns the committed path.
 
-    Nothing is written at ``out`` until the run completes (see ``RunDirectory``).
+    Nothing is written at ``out`` until the run completes or is interrupted (see ``RunDirectory``).
     """
-    device = resolve_device(config.device)
     run = RunDirectory(out, overwrite=overwrite)
+    return _run_staged(config, run, progress, tracking)
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'name: old → new' for every leaf that differs between two config dicts."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return lines
+
+
+def resume(out: Path, overrides: dict[str, Any] | None = None, force: bool = False, progress: bool = True,
+           tracking: Tracking = Tracking()) -> Path:
+    """Continue the run at ``out`` (or its unfinished staging copy) from its last checkpoint.
+
+    ``overrides``: config fields the user gave again; any that changes the run's config, or a
+    checkpoint from another mvsdi version, is refused with the difference unless ``force``.
+    """
+    run = RunDirectory(out, resume=True)
     try:
-        prior = load_prior(config.model, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        run.write_config(config.to_dict())
-        distiller = Distiller(config, prior, Model.create(config, device), device)
-        bar = Progress(config, progress)
-
-        def on_step(record: dict[str, Any]) -> None:
-            run.log(record)
-            bar(record)
-
-        try:
-            wall = train(distiller, on_step=on_step, on_checkpoint=run.save_checkpoint)
-        finally:
-            bar.close()
-        started = time.perf_counter()
-        n_renders = write_evaluation(run, distiller)
-        run.write_summary({
-            "status": "completed", "prompt": config.prompt, "preset": config.preset,
-            "steps": distiller.counters.steps, "views_per_step": config.views,
-            "skipped_steps": distiller.counters.skipped_steps,
-            "guidance_evaluations": distiller.counters.guidance_evaluations,
-            "unet_calls": prior.counters.calls, "unet_images": prior.counters.images,
-            "train_seconds": wall, "evaluation_seconds": time.perf_counter() - started,
-            "evaluations_per_second": distiller.counters.guidance_evaluations / max(wall, 1e-9),
-            "evaluation_renders": n_renders, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            **_peak_memory(device), "versions": _versions(),
-        })
-        return run.commit()
+        state = read_checkpoint(run.path)
+        saved = state.get("config", {})
+        if "rng" not in state:
+            raise RunDirectoryError(f"{out}'s checkpoint was written by an mvsdi without resume support; "
+                                    "it cannot be continued. Start a new run.")
+        config = RunConfig.from_dict(saved)
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        problems = config_differences(saved, config.to_dict())
+        if state.get("mvsdi_version") != mvsdi.__version__:
+            problems.append(f"mvsdi version: {state.get('mvsdi_version')} → {mvsdi.__version__}")
+        # the device is where the run executes, not what it computes
+        problems = [p for p in problems if not p.startswith("device:")]
+        if problems and not force:
+            raise RunDirectoryError(f"resuming {out} would change the run: " + "; ".join(problems)
+                                    + ". Drop those options, or pass --force to continue with them.")
+        if state["counters"]["steps"] >= config.steps:
+            raise RunDirectoryError(f"{out} has already run all {config.steps} steps; nothing to resume.")
     except BaseException:
-        run.discard()
+        run.abandon_resume()
         raise
+    return _run_staged(config, run, progress, tracking, start_state=state)

@@ -63,28 +63,84 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 class RunDirectory:
-    """A run being written: ``path`` is the staging folder until ``commit`` moves it to ``final``."""
+    """A run being written: ``path`` is the staging folder until ``commit`` moves it to ``final``.
 
-    def __init__(self, final: Path, overwrite: bool = False):
+    A staging folder that holds a checkpoint is an unfinished run (killed, or stopped by a second
+    Ctrl-C): it is kept, never silently deleted, and ``resume`` continues it.
+    """
+
+    def __init__(self, final: Path, overwrite: bool = False, resume: bool = False):
         self.final = Path(final)
         self.overwrite = overwrite
+        self.copied_final = False  # resume: the staging folder is a fresh copy of final
+        self.path = self.final.parent / f".{self.final.name}.partial"
         if self.final.exists() and not self.final.is_dir():
             raise RunDirectoryError(f"output path {self.final} exists and is not a directory; choose another --out")
-        if self.final.is_dir() and any(self.final.iterdir()) and not overwrite:
-            raise RunDirectoryError(
-                f"output directory {self.final} already holds files (a previous run?); nothing was changed. "
-                "Choose another --out, or pass --overwrite to replace it once the new run completes.")
-        self.path = self.final.parent / f".{self.final.name}.partial"
         try:
-            if self.path.exists():  # left by an earlier run that did not complete
-                shutil.rmtree(self.path)
-            (self.path / RENDERS).mkdir(parents=True)
+            self._resume() if resume else self._start()
             probe = self.path / ".write-test"
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
             raise RunDirectoryError(f"cannot write under {self.final.parent}: {exc}. Choose a writable --out.") from exc
         self._log = open(self.path / LOG, "a", buffering=1)
+
+    def _start(self) -> None:
+        if self.final.is_dir() and any(self.final.iterdir()) and not self.overwrite:
+            raise RunDirectoryError(
+                f"output directory {self.final} already holds files (a previous run?); nothing was changed. "
+                "Choose another --out, or pass --overwrite to replace it once the new run completes.")
+        if (self.path / CHECKPOINT).is_file() and not self.overwrite:
+            raise RunDirectoryError(
+                f"an unfinished run of {self.final} is at {self.path}; nothing was changed. Continue it with "
+                f"`mvsdi generate --resume {self.final}`, or pass --overwrite to discard it.")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        (self.path / RENDERS).mkdir(parents=True)
+
+    def _resume(self) -> None:
+        """Continue in the staging folder: the unfinished one if it has a checkpoint, else a copy of ``final``."""
+        if (self.path / CHECKPOINT).is_file():
+            return
+        if not (self.final / CHECKPOINT).is_file():
+            raise RunDirectoryError(f"nothing to resume at {self.final}: neither it nor {self.path} holds a "
+                                    f"{CHECKPOINT}. Start the run without --resume.")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        shutil.copytree(self.final, self.path)
+        self.copied_final = True
+        (self.path / SUMMARY).unlink(missing_ok=True)  # the staged copy is not a finished run
+
+    def abandon_resume(self) -> None:
+        """Before training: drop a staged copy of ``final`` (the original is intact), keep an unfinished run."""
+        if self.copied_final:
+            self.discard()
+        else:
+            self.close()
+
+    def truncate_log(self, steps: int) -> None:
+        """Drop log records of steps at or after ``steps`` (written after the checkpoint resumed from)."""
+        self._log.close()
+        path = self.path / LOG
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", -1) < steps]
+        atomic_write_bytes(path, "".join(kept).encode())
+        self._log = open(path, "a", buffering=1)
+
+    def final_is_completed(self) -> bool:
+        """Whether ``final`` holds a run that completed (which an interrupted one must not replace)."""
+        try:
+            return json.loads((self.final / SUMMARY).read_text()).get("status") == "completed"
+        except (OSError, ValueError):
+            return False
+
+    def check_free_space(self, needed_bytes: int) -> None:
+        free = shutil.disk_usage(self.path).free
+        if free < needed_bytes:
+            raise RunDirectoryError(
+                f"not enough free disk space under {self.final.parent}: the run needs about "
+                f"{needed_bytes / 2**20:.0f} MiB (checkpoints, renders, video), {free / 2**20:.0f} MiB are free. "
+                "Free some space or choose another --out; nothing was trained.")
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_json(self.path / CONFIG, config)
@@ -100,13 +156,6 @@ class RunDirectory:
 
         path = self.path / RENDERS / name
         iio.imwrite(path, to_uint8(image))
-        return path
-
-    def save_video(self, frames: list[np.ndarray], fps: int = 25) -> Path:
-        import imageio.v3 as iio
-
-        path = self.path / TURNTABLE
-        iio.imwrite(path, np.stack(frames), fps=fps, codec="libx264", macro_block_size=1)
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -133,6 +182,9 @@ class RunDirectory:
     def discard(self) -> None:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).is_file()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mvsdi.evaluate.clip_metrics import CLIP_B16, CLIP_B32, HPS_FILE, HPS_REPO
+from mvsdi.evaluate.image_reward import BLIP_TOKENIZER, IMAGE_REWARD_FILE, IMAGE_REWARD_REPO, MED_CONFIG_FILE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,8 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     p = subparsers.add_parser(
         "eval", help="compute evaluation metrics of run directories",
-        description="Compute CLIP score, CLIP R-Precision, CLIP-IQA, the Janus score and the divergence flag on "
-                    "the evaluation renders of each RUN, and write RUN/metrics.json. See docs/evaluation.md.",
+        description="Compute CLIP score, CLIP R-Precision, CLIP-IQA, the Janus score, the divergence flag and, when "
+                    "asked for, HPSv2.1 and ImageReward v1.0 on the evaluation renders of each RUN, and write "
+                    "RUN/metrics.json. See docs/evaluation.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories written by `mvsdi generate`")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
@@ -34,6 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"HPSv2.1 checkpoint file (default: {HPS_FILE} of the {HPS_REPO} hub repo, from the cache)")
     p.add_argument("--hpsv2-tokenizer", default=CLIP_B32, metavar="ID_OR_PATH",
                    help="a CLIP tokenizer for HPSv2.1 (OpenAI's BPE, shared by OpenCLIP ViT-H/14)")
+    p.add_argument("--image-reward", metavar="PATH",
+                   help=f"ImageReward v1.0: a folder with {IMAGE_REWARD_FILE} and {MED_CONFIG_FILE}, or the .pt file "
+                        f"with {MED_CONFIG_FILE} beside it (default: the {IMAGE_REWARD_REPO} hub repo, from the cache)")
+    p.add_argument("--image-reward-tokenizer", default=BLIP_TOKENIZER, metavar="ID_OR_PATH",
+                   help="the BERT tokenizer ImageReward's BLIP uses (BLIP's [DEC]/[ENC] tokens are added on load)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--force", action="store_true",
                    help="evaluate runs from another mvsdi minor version or without summary.json")
@@ -49,7 +56,7 @@ def _line(result: dict[str, Any]) -> str:
         return f"{result['run']}: missing (counted as diverged)"
     m = result["metrics"]
     parts = [f"{result['run']}: {result['prompt']!r}", f"views={result['views']}"]
-    for name in ("clip_score", "r_precision", "hpsv2"):
+    for name in ("clip_score", "r_precision", "hpsv2", "image_reward"):
         if name in m:
             parts.append(f"{name}={_fmt(m[name]['mean'])}")
     if "clip_iqa" in m:
@@ -73,6 +80,7 @@ def _evaluator(args: argparse.Namespace):
     candidates = candidate_prompts([r.prompt for r in runs if r is not None], prompt_list)
     evaluator = Evaluator(metrics, candidates, clip_b32=args.clip_b32, clip_b16=args.clip_b16,
                           hpsv2_checkpoint=args.hpsv2, hpsv2_tokenizer=args.hpsv2_tokenizer,
+                          image_reward=args.image_reward, image_reward_tokenizer=args.image_reward_tokenizer,
                           device=resolve_device(args.device))
     evaluator.check_available()
     return evaluator

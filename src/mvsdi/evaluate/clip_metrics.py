@@ -46,15 +46,6 @@ HPS_FILE = "HPS_v2.1_compressed.pt"
 # OpenCLIP ViT-H-14: vision width 1280 with 80-wide heads (16), text width 1024 with 64-wide heads (16), GELU
 VIT_H14_HEADS = {"vision_heads": 16, "text_heads": 16, "hidden_act": "gelu"}
 
-IMAGE_REWARD_UNAVAILABLE = (
-    "ImageReward v1.0 is not implemented in mvsdi. Its official package (image-reward) pins timm 0.6.13 and "
-    "openai-clip and pulls a torchvision that cannot be imported with this torch, which then breaks transformers. "
-    "The checkpoint (THUDM/ImageReward, ImageReward.pt + med_config.json) is a BLIP ViT-L/16 image encoder, a "
-    "BERT-base text encoder with cross-attention and a 5-layer MLP head; it could be converted into "
-    "transformers' BlipForImageTextRetrieval (vision_model + text_encoder) plus a small head, but no such "
-    "converter is written yet. To get the number today, score the renders in a separate environment with "
-    "`pip install image-reward` (see docs/evaluation.md).")
-
 
 class MetricLoadError(RuntimeError):
     """A metric's model could not be loaded; the message says which, from where, why, and how to fix it."""

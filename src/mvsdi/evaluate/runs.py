@@ -18,12 +18,13 @@ import torch
 
 import mvsdi
 from mvsdi.evaluate import clip_metrics as cm
+from mvsdi.evaluate import image_reward as ir
 from mvsdi.evaluate.divergence import Divergence, check_divergence, missing
 from mvsdi.rundir import CONFIG, RENDERS, SUMMARY, atomic_write_json
 
 METRICS_FILE = "metrics.json"
 KNOWN_METRICS = ("clip_score", "r_precision", "clip_iqa", "janus", "divergence", "hpsv2", "image_reward")
-# hpsv2 needs a ViT-H/14 checkpoint (≈1 B parameters) and image_reward is not implemented: both only when asked for
+# hpsv2 (ViT-H/14, ≈1 B parameters) and image_reward (BLIP ViT-L + BERT, ≈0.45 B) are big: only when asked for
 DEFAULT_METRICS = ("clip_score", "r_precision", "clip_iqa", "janus", "divergence")
 BENCHMARK_PROMPTS = "sdi43_prompts.txt"
 _RENDER = re.compile(r"^(\d{3,})\.png$")  # the RGB views; normal_NNN.png are not evaluated
@@ -175,20 +176,26 @@ class Evaluator:
     hpsv2_checkpoint: str | None = None
     hpsv2_tokenizer: str = cm.CLIP_B32
     device: str | torch.device = "cpu"
-    _models: dict[str, cm.ClipScorer] = field(default_factory=dict, repr=False)
+    image_reward: str | None = None  # a local folder / ImageReward.pt; None: the THUDM/ImageReward hub repo
+    image_reward_tokenizer: str = ir.BLIP_TOKENIZER
+    _models: dict[str, Any] = field(default_factory=dict, repr=False)
     _texts: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def check_available(self) -> None:
-        """Fail before any model loads or any run is read for a metric that cannot be computed here."""
-        if "image_reward" in self.metrics:
-            raise cm.MetricLoadError(cm.IMAGE_REWARD_UNAVAILABLE)
+        """Fail before any model loads for a metric whose local model path does not exist (a typo would
+        otherwise surface only after the other metrics' models have loaded)."""
+        local = {"hpsv2": (self.hpsv2_checkpoint, "--hpsv2"), "image_reward": (self.image_reward, ir.FLAG)}
+        for metric, (path, flag) in local.items():
+            if metric in self.metrics and path is not None and not Path(path).expanduser().exists():
+                raise cm.load_error(metric, path, "no such file or folder", flag)
 
-    def model(self, which: str) -> cm.ClipScorer:
-        loaders: dict[str, Callable[[], cm.ClipScorer]] = {
+    def model(self, which: str) -> Any:
+        loaders: dict[str, Callable[[], Any]] = {
             "b32": lambda: cm.ClipScorer.load(self.clip_b32, "CLIP score / R-Precision / Janus (ViT-B/32)",
                                               "--clip-b32", self.device),
             "b16": lambda: cm.ClipScorer.load(self.clip_b16, "CLIP-IQA (ViT-B/16)", "--clip-b16", self.device),
             "hps": lambda: cm.load_hpsv2(self.hpsv2_checkpoint, self.hpsv2_tokenizer, self.device),
+            "ir": lambda: ir.load_image_reward(self.image_reward, self.image_reward_tokenizer, self.device),
         }
         if which not in self._models:
             self._models[which] = loaders[which]()
@@ -216,6 +223,9 @@ class Evaluator:
             scorer = self.model("hps")
             values = cm.clip_score(scorer.embed_images(batch), self.texts("hps", [run.prompt])[0])
             out["hpsv2"] = {**_summary(values), "model": scorer.name}
+        if "image_reward" in want:
+            scorer = self.model("ir")
+            out["image_reward"] = {**_summary(scorer.score(batch, run.prompt)), "model": scorer.name}
         return out
 
     def _b32_metrics(self, run: Run, batch: torch.Tensor, want: set[str]) -> dict[str, Any]:

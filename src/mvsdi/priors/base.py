@@ -18,7 +18,14 @@ class NetworkCounters:
     """How much work the denoising network did: the cost measure of the benchmarks.
 
     ``calls`` counts forward invocations (one per batch), ``images`` counts batch elements, so a
-    CFG call on N latents adds 1 and 2N.
+    CFG call on N latents adds 1 and 2N (4N with Perp-Neg).
+
+    ``images`` is the arithmetic done and does not depend on how views are grouped. ``calls`` is
+    the number of launches: with a step's K views batched (``RunConfig.view_batching``) the K
+    views' guided calls become one, so calls per step drop K-fold (SDS: 1 instead of K; SDI:
+    its grid's calls once instead of K times) while images stay. "UNet forward passes per
+    guidance evaluation" in the sense of DESIGN.md (one per guided call of one view) is therefore
+    ``images / (CFG batch factor × evaluations)``, not ``calls / evaluations``.
     """
 
     calls: int = 0

@@ -6,6 +6,7 @@ a local folder in diffusers layout, including the random-weight stacks of ``mvsd
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,6 +56,68 @@ def _check_tokenizer(model: str, tokenizer) -> None:
         raise _load_error(model, "tokenizer", f"the tokenizer came back empty (vocabulary of {len(tokenizer)})")
 
 
+FAST_UNET_MODES = ("off", "compile", "cuda_graph")
+
+
+def unet_forward(unet, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """ε̂ of a diffusers UNet (or a compiled one) for a batch: the one way every mode calls it."""
+    return unet(latents, t, encoder_hidden_states=embeddings).sample
+
+
+class CudaGraphUNet:
+    """The UNet's forward replayed from one CUDA graph per input shape (issue 6; UNMEASURED here).
+
+    A CFG call at batch 2 is launch-bound on an H200 (DESIGN.md: 26.5 ms eager, 11.4 ms as a
+    graph). Each distinct (latents, embeddings) shape is captured once, after a warm-up on a side
+    stream (lazy allocations and cuDNN's algorithm search must not happen inside the capture);
+    later calls copy their inputs into that graph's static buffers and replay. All graphs share
+    one memory pool. The output is cloned: the next replay overwrites the static output.
+    """
+
+    WARMUP_CALLS = 3
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...]):
+        static = tuple(x.clone() for x in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_CALLS):
+                unet_forward(self.unet, *static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = unet_forward(self.unet, *static)
+        return static, graph, out
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        inputs = (latents, t.long(), embeddings)
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        static, graph, out = self.graphs[key]
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+
+class CompiledUNet:
+    """The UNet under torch.compile, default mode (no max-autotune); one compilation per batch shape."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.compiled = torch.compile(unet)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return unet_forward(self.compiled, latents, t, embeddings)
+
+
 class StableDiffusionPrior:
     """Frozen UNet + VAE + CLIP text encoder; implements ``mvsdi.priors.base.DiffusionPrior``."""
 
@@ -76,6 +139,7 @@ class StableDiffusionPrior:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.counters = NetworkCounters()
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.use_fast_unet("off")
 
     def _load(self):
         # imported here so that importing mvsdi.priors stays cheap for code that never loads SD
@@ -132,11 +196,24 @@ class StableDiffusionPrior:
             self._text_cache.update(zip(missing, hidden))
         return torch.stack([self._text_cache[t] for t in texts])
 
+    def use_fast_unet(self, mode: str) -> None:
+        """Run the UNet eagerly ("off", the default and reference), under torch.compile ("compile")
+        or replayed from CUDA graphs ("cuda_graph", CUDA only). Opt-in and unmeasured until a GPU
+        session runs benchmarks/speed.py; the first call of each batch shape pays the warm-up."""
+        if mode not in FAST_UNET_MODES:
+            raise ValueError(f"fast UNet mode must be one of {', '.join(FAST_UNET_MODES)}, got {mode!r}")
+        if mode == "cuda_graph" and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, but this prior runs on {self.device}; "
+                             "use mode 'off' or 'compile'")
+        wrappers = {"off": lambda unet: partial(unet_forward, unet), "compile": CompiledUNet, "cuda_graph": CudaGraphUNet}
+        self._unet_call = wrappers[mode](self.unet)
+        self.fast_unet = mode
+
     @torch.no_grad()
     def predict_noise(self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         # no graph through the UNet: score distillation treats its output as a constant target
         self.counters.calls += 1
         self.counters.images += latents_t.shape[0]
-        eps = self.unet(latents_t.to(self.device, self.dtype), t.to(self.device),
-                        encoder_hidden_states=embeddings.to(self.device, self.dtype)).sample
+        eps = self._unet_call(latents_t.to(self.device, self.dtype), t.to(self.device),
+                              embeddings.to(self.device, self.dtype))
         return eps.float()

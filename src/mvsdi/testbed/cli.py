@@ -20,6 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seeds", type=int, help="number of seeds")
     p.add_argument("--budget", type=int, help="guidance evaluations per cell (a multiple of 4)")
     p.add_argument("--guidance", help="comma-separated: sds,sdi")
+    p.add_argument("--variance-repeats", type=int, help="gradient draws per method and point of the run (R, >= 2)")
     p.add_argument("--device", help="cpu, cuda, auto")
     p.add_argument("--out", type=Path, default=Path("runs/testbed"), help="where tables, plots and GIFs go")
     return p
@@ -48,6 +49,10 @@ def settings_from_args(args: argparse.Namespace):
         unknown = set(changes["guidances"]) - {"sds", "sdi"}
         if unknown:
             raise ValueError(f"unknown guidance {sorted(unknown)}; choose from sds, sdi")
+    if args.variance_repeats is not None:
+        if args.variance_repeats < 2:
+            raise ValueError("--variance-repeats must be >= 2 (a variance needs two draws)")
+        changes["variance_repeats"] = args.variance_repeats
     if args.device:
         changes["device"] = args.device
     return dataclasses.replace(settings, **changes)

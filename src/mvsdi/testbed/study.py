@@ -2,13 +2,16 @@
 
 Every cell (guidance × method × scene × seed) is one distillation with the ideal-denoiser prior,
 the same loop, samplers, field and renderer as `mvsdi generate`. Metrics against the truth are
-taken at several fractions of the budget; the gradient-variance ratio of each method is measured
-at the initial field. Outputs: results.jsonl (one line per cell and fraction), table.md / table.csv
-(mean and 95% interval per metric, paired differences against K=1), plots, turntable GIFs.
+taken at several fractions of the budget. The gradient-variance ratio of each method is measured
+along a training run: at the parameters of the K=1 cell (first seed) when it has spent each of
+``variance_fractions`` of its budget, with the schedules at that fraction. Outputs: results.jsonl
+(one line per cell and fraction), variance.json, table.md / table.csv (mean and 95% interval per
+metric, paired differences against K=1; variance ratios per fraction), plots, turntable GIFs.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,7 +30,7 @@ from mvsdi.field import FieldConfig
 from mvsdi.priors.prompts import PromptConfig
 from mvsdi.rundir import atomic_write_bytes, atomic_write_json, to_uint8
 from mvsdi.schedules import LossWeights, Ramp, Schedules, ShadingSchedule
-from mvsdi.testbed.metrics import evaluate_field, render_views
+from mvsdi.testbed.metrics import evaluate_renders, render_views
 from mvsdi.testbed.scenes import ConstantBackground
 from mvsdi.testbed.prior import IdealDenoiserPrior
 from mvsdi.variance import compare_estimators
@@ -61,13 +64,17 @@ class StudySettings:
     image_size: int = 32
     references: int = 64
     samples_per_ray: int = 32
-    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
-    variance_repeats: int = 8
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)  # where the metrics are taken
+    variance_repeats: int = 8  # gradient draws per method and point of the run
+    variance_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)  # points of the K=1 run where it is measured
     field: FieldConfig = FieldConfig(n_levels=8, log2_table_size=16, base_resolution=8, per_level_scale=1.5)
     device: str = "cpu"
 
 
-SMALL = StudySettings(scenes=("mug",), seeds=(0,), samples_per_ray=24, fractions=(0.5, 1.0))
+# Variance in the small default: R = 16 draws at 3 points of the run cost 2 × 3 × 15 × 16 = 1,440
+# guidance evaluations (≈ 2 min on 2 idle cores); the table states each ratio's 95% interval.
+SMALL = StudySettings(scenes=("mug",), seeds=(0,), samples_per_ray=24, fractions=(0.5, 1.0), variance_repeats=16,
+                      variance_fractions=(0.0, 0.5, 1.0))
 FULL = StudySettings(scenes=("mug", "snowman", "chair", "house", "duck", "car", "lamp", "penguin"), seeds=(0, 1, 2),
                      budget=2000, image_size=64, references=256, samples_per_ray=64,
                      fractions=(0.1, 0.25, 0.5, 0.75, 1.0), variance_repeats=32, field=FieldConfig(), device="cuda")
@@ -91,48 +98,74 @@ def cell_config(settings: StudySettings, guidance: str, method: Method, scene: s
         schedules=Schedules(shading=ShadingSchedule(ambient_only_until=1.0), weights=weights))
 
 
-def run_cell(prior: IdealDenoiserPrior, config: RunConfig, fractions: tuple[float, ...],
-             device: torch.device) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Train one cell; metrics at each fraction; the final turntable frames.
+@dataclass
+class CellResult:
+    rows: list[dict[str, Any]]  # metrics at each requested fraction
+    frames: np.ndarray  # final turntable [V, H, W, 3] uint8
+    snapshots: dict[float, dict[str, Any]]  # model state when each snapshot fraction was reached
+
+
+def run_cell(prior: IdealDenoiserPrior, config: RunConfig, fractions: tuple[float, ...], device: torch.device,
+             snapshot_at: tuple[float, ...] = ()) -> CellResult:
+    """Train one cell; metrics at each of ``fractions``, model states at each of ``snapshot_at``
+    (for the variance along the run); the final turntable frames.
 
     The initial field depends only on the seed, so its metrics are measured once per scene and
     seed by ``initial_metrics``, not here.
     """
     distiller = Distiller(config, prior, Model.create(config, device), device)
-    rows = []
+    rows, snapshots, renders = [], {}, None
     started, calls_before = time.perf_counter(), prior.counters.calls  # the prior is shared by all cells
-    for fraction in fractions:
+    for fraction in sorted(set(fractions) | set(snapshot_at)):
         while distiller.counters.guidance_evaluations < round(fraction * config.budget):
             distiller.step()
-        rows.append(_measure(distiller, prior, config, fraction) | {"train_seconds": time.perf_counter() - started,
-                                                                     "unet_calls": prior.counters.calls - calls_before})
-    with torch.no_grad():
-        renders, _ = render_views(distiller.model.field, ConstantBackground(), config.eval_views,
-                                  config.eval_resolution, config.samples_per_ray)
-    return rows, np.stack([to_uint8(x.permute(1, 2, 0)) for x in renders])
+        if fraction in snapshot_at:
+            snapshots[fraction] = copy.deepcopy(distiller.model.state_dict())
+        if fraction in fractions:
+            row, renders = _measure(distiller, prior, config, fraction)
+            rows.append(row | {"train_seconds": time.perf_counter() - started,
+                               "unet_calls": prior.counters.calls - calls_before})
+    while distiller.counters.guidance_evaluations < config.budget:
+        distiller.step()
+    if not rows or rows[-1]["guidance_evaluations"] < config.budget:  # the turntable shows the end of the run
+        renders, _ = _renders(distiller, config)
+    return CellResult(rows, np.stack([to_uint8(x.permute(1, 2, 0)) for x in renders]), snapshots)
 
 
-def _measure(distiller: Distiller, prior: IdealDenoiserPrior, config: RunConfig, fraction: float) -> dict[str, Any]:
-    metrics = evaluate_field(distiller.model.field, distiller.model.background, config.prompt, prior,
-                             n_samples=config.samples_per_ray)
-    return {"fraction": fraction, "guidance_evaluations": distiller.counters.guidance_evaluations, **metrics}
+def _renders(distiller: Distiller, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation views over the truth's grey, at the prior's size: what the metrics judge."""
+    return render_views(distiller.model.field, ConstantBackground(), config.eval_views, distiller.prior.image_size,
+                        config.samples_per_ray)
+
+
+def _measure(distiller: Distiller, prior: IdealDenoiserPrior, config: RunConfig,
+             fraction: float) -> tuple[dict[str, Any], torch.Tensor]:
+    """(metrics row, the renders they were taken from)."""
+    renders, opacity = _renders(distiller, config)
+    metrics = evaluate_renders(renders, opacity, distiller.model.field, config.prompt, prior)
+    return {"fraction": fraction, "guidance_evaluations": distiller.counters.guidance_evaluations, **metrics}, renders
 
 
 def initial_metrics(settings: StudySettings, prior: IdealDenoiserPrior, scene: str, seed: int,
                     device: torch.device) -> dict[str, Any]:
     config = cell_config(settings, settings.guidances[0], METHODS[0], scene, seed)
     distiller = Distiller(config, prior, Model.create(config, device), device)
-    return _measure(distiller, prior, config, 0.0) | {"train_seconds": 0.0, "unet_calls": 0}
+    return _measure(distiller, prior, config, 0.0)[0] | {"train_seconds": 0.0, "unet_calls": 0}
 
 
-def variance_rows(settings: StudySettings, prior: IdealDenoiserPrior, guidance: str, scene: str,
-                  device: torch.device) -> list[dict[str, Any]]:
-    """Variance per guidance evaluation of every method at the initial field, ratio to K=1."""
-    base = cell_config(settings, guidance, METHODS[0], scene, 0)
-    state = Model.create(base, device).state_dict()
-    rows = compare_estimators(base, prior, state, device, [(m.views, m.sampler) for m in METHODS], 0.5,
-                              settings.variance_repeats)
-    return [{"guidance": guidance, "scene": scene, "method": m.name, **r} for m, r in zip(METHODS, rows)]
+def variance_rows(settings: StudySettings, prior: IdealDenoiserPrior, guidance: str, scene: str, seed: int,
+                  snapshots: dict[float, dict[str, Any]], device: torch.device,
+                  methods: tuple[Method, ...] = METHODS) -> list[dict[str, Any]]:
+    """Variance per guidance evaluation of each method, its ratio to the first (K=1) and the ratio's
+    95% interval, at each snapshot of a training run (parameters and schedules at that fraction)."""
+    base = cell_config(settings, guidance, methods[0], scene, seed)
+    rows = []
+    for fraction, state in sorted(snapshots.items()):
+        found = compare_estimators(base, prior, state, device, [(m.views, m.sampler) for m in methods], fraction,
+                                   settings.variance_repeats, seed)
+        rows += [{"guidance": guidance, "scene": scene, "seed": seed, "method": m.name, **r}
+                 for m, r in zip(methods, found)]
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,19 +220,57 @@ def _fmt(pair: tuple[float, float], signed: bool = False) -> str:
     return text if math.isnan(half) else f"{text} ± {half:.3f}"
 
 
-def table_markdown(table: list[dict[str, Any]], variance: list[dict[str, Any]]) -> str:
-    ratios: dict[tuple[str, str], list[float]] = {}
-    for v in variance:
-        ratios.setdefault((v["guidance"], v["method"]), []).append(v["ratio"])
-    head = ["guidance", "method", "cells", "diverged", *METRICS, *(f"Δ{m} vs K1" for m in METRICS), "variance/eval vs K1"]
+def table_markdown(table: list[dict[str, Any]]) -> str:
+    head = ["guidance", "method", "cells", "diverged", *METRICS, *(f"Δ{m} vs K1" for m in METRICS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
-        ratio = mean_interval(ratios.get((row["guidance"], row["method"]), []))
         lines.append("| " + " | ".join([row["guidance"], row["method"], str(row["cells"]), str(row["diverged"]),
                                          *(_fmt(row[m]) for m in METRICS),
-                                         *(_fmt(row[f"{m}_vs_K1"], signed=True) for m in METRICS),
-                                         _fmt(ratio)]) + " |")
+                                         *(_fmt(row[f"{m}_vs_K1"], signed=True) for m in METRICS)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def variance_summary(variance: list[dict[str, Any]]) -> dict[tuple[str, str, float], tuple[float, float, float]]:
+    """(guidance, method, fraction) → (ratio, 95% low, 95% high) over the measured scenes.
+
+    The ratio is the geometric mean over scenes; its interval is exp(mean log ± 1.96·SE) with SE
+    from each scene's paired-bootstrap standard error of the log ratio (repeat noise only, so
+    it says how well these scenes were measured, not how other scenes would behave)."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for v in variance:
+        groups.setdefault((v["guidance"], v["method"], v["fraction"]), []).append(v)
+    summary = {}
+    for key, rows in groups.items():
+        logs = [math.log(r["ratio"]) if r["ratio"] > 0 else float("nan") for r in rows]
+        centre = sum(logs) / len(logs)
+        half = 1.96 * math.sqrt(sum(r["log_ratio_se"] ** 2 for r in rows)) / len(rows)
+        summary[key] = (math.exp(centre), math.exp(centre - half), math.exp(centre + half))
+    return summary
+
+
+def variance_markdown(variance: list[dict[str, Any]]) -> str:
+    """Variance per evaluation / K1's, one column per point of the K=1 run, '[95% interval]'."""
+    summary = variance_summary(variance)
+    fractions = sorted({key[2] for key in summary})
+    head = ["guidance", "method", *(f"at {f:g} of the run" for f in fractions)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for guidance in dict.fromkeys(v["guidance"] for v in variance):
+        for method in [m.name for m in METHODS]:
+            cells = [summary.get((guidance, method, f)) for f in fractions]
+            if not any(cells):
+                continue
+            text = ["" if c is None else f"{c[0]:.2f}" if method == METHODS[0].name else f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]"
+                    for c in cells]
+            lines.append("| " + " | ".join([guidance, method, *text]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def study_markdown(table: list[dict[str, Any]], variance: list[dict[str, Any]], settings: StudySettings) -> str:
+    scenes = ", ".join(sorted({v["scene"] for v in variance}))
+    return (table_markdown(table) + "\nGradient variance per guidance evaluation / K=1's, at the parameters of the "
+            f"K=1 run (seed {settings.seeds[0]}; {scenes}) after each fraction of its budget, R = "
+            f"{settings.variance_repeats} draws per method; [95% interval, paired bootstrap over draws]:\n\n"
+            + variance_markdown(variance))
 
 
 def table_csv(table: list[dict[str, Any]]) -> str:
@@ -247,24 +318,28 @@ def plot_metric_vs_budget(results: list[dict[str, Any]], out: Path) -> Path:
 
 
 def plot_variance(variance: list[dict[str, Any]], out: Path) -> Path:
+    """Variance ratio to K=1 against the fraction of the K=1 run where it was measured (log scale,
+    95% intervals as error bars), one panel per guidance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary = variance_summary(variance)
     guidances = list(dict.fromkeys(v["guidance"] for v in variance))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / max(len(guidances), 1)
-    for gi, guidance in enumerate(guidances):
-        stats = [mean_interval([v["ratio"] for v in variance if v["guidance"] == guidance and v["method"] == m.name])
-                 for m in METHODS]
-        xs = np.arange(len(METHODS)) + gi * width
-        ax.bar(xs, [s[0] for s in stats], width, yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
-               label=guidance, capsize=3)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(np.arange(len(METHODS)) + width * (len(guidances) - 1) / 2, [m.name for m in METHODS], fontsize=8)
-    ax.set_ylabel("gradient variance per evaluation / K1")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(guidances), figsize=(5 * len(guidances), 3.6), squeeze=False)
+    for ax, guidance in zip(axes[0], guidances):
+        for method in METHODS[1:]:
+            points = sorted((f, r) for (g, m, f), r in summary.items() if g == guidance and m == method.name)
+            fractions = np.array([f for f, _ in points])
+            ratio, low, high = (np.array([r[i] for _, r in points]) for i in range(3))
+            ax.errorbar(fractions, ratio, yerr=np.nan_to_num([ratio - low, high - ratio]), marker="o", capsize=3,
+                        label=method.name)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"{guidance}: variance per evaluation / K1")
+        ax.set_xlabel("fraction of the K=1 run")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path = out / "variance_ratio.png"
     fig.savefig(path, dpi=110)
@@ -301,6 +376,8 @@ def run_study(settings: StudySettings, out: Path, progress: bool = True) -> dict
     for m in METHODS:
         if settings.budget % m.views:
             raise ValueError(f"study budget {settings.budget} must be a multiple of every method's K (here {m.views})")
+    if not all(0.0 <= f <= 1.0 for f in (*settings.fractions, *settings.variance_fractions)):
+        raise ValueError("metric and variance fractions must lie in [0, 1] (fractions of the budget spent)")
     device = resolve_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
     prior = IdealDenoiserPrior(n_references=settings.references, image_size=settings.image_size, device=device)
@@ -312,25 +389,29 @@ def run_study(settings: StudySettings, out: Path, progress: bool = True) -> dict
                for scene in settings.scenes for seed in settings.seeds}
     for i, (guidance, scene, seed, method) in enumerate(cells):
         config = cell_config(settings, guidance, method, scene, seed)
-        rows, final = run_cell(prior, config, settings.fractions, device)
-        rows = [dict(initial[(scene, seed)]), *rows]
+        measures_variance = method == METHODS[0] and seed == settings.seeds[0]  # along the first K=1 run
+        cell = run_cell(prior, config, settings.fractions, device,
+                        settings.variance_fractions if measures_variance else ())
+        rows = [dict(initial[(scene, seed)]), *cell.rows]
         results += [{"guidance": guidance, "scene": scene, "seed": seed, "method": method.name, **r} for r in rows]
         if seed == settings.seeds[0]:
             truth = render_truth(get_scene(scene), evaluation_cameras(), settings.image_size)
             frames.setdefault((guidance, scene), {"truth": np.stack([to_uint8(x.permute(1, 2, 0)) for x in truth])})
-            frames[(guidance, scene)][method.name] = final
+            frames[(guidance, scene)][method.name] = cell.frames
+        if measures_variance:
+            variance += variance_rows(settings, prior, guidance, scene, seed, cell.snapshots, device)
         if progress:
             last = rows[-1]
+            if measures_variance:
+                print(f"variance along the run of {guidance} {scene} K1: measured at fractions "
+                      f"{', '.join(f'{f:g}' for f in sorted(cell.snapshots))}", flush=True)
             print(f"[{i + 1}/{len(cells)}] {guidance} {scene} seed {seed} {method.name}: "
                   + ", ".join(f"{m} {last[m]:.3f}" for m in METRICS) + f" ({time.perf_counter() - started:.0f} s)",
                   flush=True)
-    for guidance in settings.guidances:
-        for scene in settings.scenes:
-            variance += variance_rows(settings, prior, guidance, scene, device)
     table = summarise(results)
     atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())
     atomic_write_json(out / "variance.json", variance)
-    atomic_write_bytes(out / "table.md", table_markdown(table, variance).encode())
+    atomic_write_bytes(out / "table.md", study_markdown(table, variance, settings).encode())
     atomic_write_bytes(out / "table.csv", table_csv(table).encode())
     plot_metric_vs_budget(results, out)
     plot_variance(variance, out)

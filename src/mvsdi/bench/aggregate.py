@@ -1,0 +1,254 @@
+"""Tables, paired differences and plots of a bench, from the files in OUT alone (rerunnable).
+
+A cell's status: "ok" (done and measured), "diverged" (its run or its renders diverged), "failed"
+(``cells.jsonl`` recorded an error after every retry) or "missing" (not run yet, interrupted, or made
+with another config). Everything but "ok" counts as diverged: in the divergence rate, and out of the
+means and the paired differences (a pair needs both cells "ok").
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from mvsdi.bench.cells import CELL_METRICS
+from mvsdi.bench.matrix import BenchSpec, Cell, cells, is_done
+from mvsdi.rundir import SUMMARY, atomic_write_bytes
+from mvsdi.testbed.study import mean_interval
+
+CELLS_LOG = "cells.jsonl"
+COSTS = ("guidance_evaluations", "unet_calls", "train_seconds")
+LOWER_IS_BETTER = ("janus",)  # both the testbed's and CLIP's Janus score: a front seen from behind
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def latest_records(out: Path) -> dict[str, dict[str, Any]]:
+    """The last record of each cell in ``cells.jsonl`` (a torn last line from a killed driver is skipped)."""
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        lines = (Path(out) / CELLS_LOG).read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        records[record["cell"]] = record
+    return records
+
+
+def peak_memory_gib(summary: dict[str, Any]) -> float | None:
+    """GPU peak on CUDA runs, the process's peak resident memory on CPU runs."""
+    return summary.get("peak_gpu_memory_gib", summary.get("peak_process_memory_gib"))
+
+
+def cell_row(cell: Cell, record: dict[str, Any] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"preset": cell.preset, "prompt": cell.prompt, "seed": cell.seed, "status": "missing",
+                           "reason": "", "metrics": {}, "path": cell.key}
+    measured = _read_json(cell.path / CELL_METRICS) if is_done(cell) else None
+    if measured is not None:
+        summary = _read_json(cell.path / SUMMARY) or {}
+        row.update({k: summary.get(k) for k in COSTS}, peak_memory_gib=peak_memory_gib(summary),
+                   metrics=measured["metrics"], status="diverged" if measured["diverged"] else "ok",
+                   reason=measured.get("diverged_reason", ""))
+    elif record is not None and record.get("status") == "failed":
+        row.update(status="failed", reason=record.get("error", ""))
+    elif cell.path.exists():
+        row["reason"] = "not finished, not measured, or made with another config"
+    return row
+
+
+def collect(spec: BenchSpec, out: Path) -> list[dict[str, Any]]:
+    records = latest_records(out)
+    return [cell_row(cell, records.get(cell.key)) for cell in cells(spec, Path(out))]
+
+
+def metric_names(rows: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> list[str]:
+    """The metrics measured, in the order asked for (``clip_iqa`` stands for its parts ``clip_iqa_*``)."""
+    names = sorted({name for row in rows for name in row["metrics"]})
+    rank = {name: next((i for i, m in enumerate(order) if name == m or name.startswith(m + "_")), len(order))
+            for name in names}
+    return sorted(names, key=lambda name: rank[name])
+
+
+def _finite(value: Any) -> float:
+    """A metric as a float; nan when it is absent (e.g. a Janus score without a back view)."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def summarise(rows: Sequence[dict[str, Any]], presets: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Per preset: counts by status, divergence rate, mean ± 95% interval of each metric over "ok" cells,
+    mean costs and the largest peak memory."""
+    table = []
+    for name in presets:
+        mine = [r for r in rows if r["preset"] == name]
+        ok = [r for r in mine if r["status"] == "ok"]
+        entry: dict[str, Any] = {"preset": name, "cells": len(mine),
+                                 **{s: sum(r["status"] == s for r in mine) for s in ("ok", "diverged", "failed", "missing")}}
+        entry["divergence_rate"] = (len(mine) - len(ok)) / len(mine) if mine else math.nan
+        for metric in metrics:
+            entry[metric] = mean_interval([_finite(r["metrics"].get(metric)) for r in ok])
+        ran = [r for r in mine if r.get("guidance_evaluations") is not None]
+        for cost in COSTS:
+            entry[cost] = sum(r[cost] for r in ran) / len(ran) if ran else math.nan
+        memory = [r["peak_memory_gib"] for r in ran if r.get("peak_memory_gib") is not None]
+        entry["peak_memory_gib"] = max(memory) if memory else math.nan
+        table.append(entry)
+    return table
+
+
+def paired_differences(rows: Sequence[dict[str, Any]], baseline: str, presets: Sequence[str],
+                       metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Preset − baseline on the same prompt and seed, over pairs where neither diverged (mean ± 95%)."""
+    base = {(r["prompt"], r["seed"]): r for r in rows if r["preset"] == baseline and r["status"] == "ok"}
+    table = []
+    for name in presets:
+        if name == baseline:
+            continue
+        pairs = [(r, base[(r["prompt"], r["seed"])]) for r in rows
+                 if r["preset"] == name and r["status"] == "ok" and (r["prompt"], r["seed"]) in base]
+        for metric in metrics:
+            diffs = [_finite(r["metrics"].get(metric)) - _finite(b["metrics"].get(metric)) for r, b in pairs]
+            mean, half = mean_interval(diffs)
+            table.append({"preset": name, "baseline": baseline, "metric": metric,
+                          "pairs": sum(math.isfinite(d) for d in diffs), "mean_difference": mean, "ci95": half})
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _pm(pair: tuple[float, float]) -> str:
+    mean, half = pair
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.4g} ± {half:.2g}" if math.isfinite(half) else f"{mean:.4g} (n=1)"
+
+
+def _markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    rows = [header, ["---"] * len(header), *lines]
+    return "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows) + "\n"
+
+
+def _csv(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(lines)
+    return buffer.getvalue()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def summary_tables(summary: Sequence[dict[str, Any]], metrics: Sequence[str]) -> tuple[str, str]:
+    """(markdown, csv) with one row per preset."""
+    counts = ["cells", "ok", "diverged", "failed", "missing", "divergence_rate"]
+    costs = [*COSTS, "peak_memory_gib"]
+    md = _markdown(["preset", *counts, *metrics, *costs],
+                   [[e["preset"], *(_num(e[c]) for c in counts), *(_pm(e[m]) for m in metrics),
+                     *(_num(e[c]) for c in costs)] for e in summary])
+    header = ["preset", *counts, *(f"{m}_{part}" for m in metrics for part in ("mean", "ci95")), *costs]
+    csv_text = _csv(header, [[e["preset"], *(e[c] for c in counts), *(v for m in metrics for v in e[m]),
+                              *(e[c] for c in costs)] for e in summary])
+    return md, csv_text
+
+
+def cell_tables(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> tuple[str, str]:
+    """(markdown, csv) with one row per cell of one preset."""
+    fields = ["prompt", "seed", "status"]
+    costs = [*COSTS, "peak_memory_gib"]
+    md = _markdown([*fields, *metrics, *costs, "reason", "run"],
+                   [[r["prompt"], r["seed"], r["status"], *(_num(r["metrics"].get(m)) for m in metrics),
+                     *(_num(r.get(c)) for c in costs), short_reason(r), r["path"]]
+                    for r in rows])
+    csv_text = _csv([*fields, *metrics, *costs, "reason", "run"],
+                    [[r["prompt"], r["seed"], r["status"], *(r["metrics"].get(m) for m in metrics),
+                      *(r.get(c) for c in costs), r["reason"], r["path"]] for r in rows])
+    return md, csv_text
+
+
+def paired_tables(paired: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    header = ["preset", "baseline", "metric", "pairs", "mean_difference", "ci95"]
+    md = _markdown(["preset", "metric", "pairs", "difference vs " + (paired[0]["baseline"] if paired else "baseline")],
+                   [[p["preset"], p["metric"], p["pairs"], _pm((p["mean_difference"], p["ci95"]))] for p in paired])
+    return md, _csv(header, [[p[h] for h in header] for p in paired])
+
+
+def short_reason(row: dict[str, Any]) -> str:
+    """The last line of a cell's reason (an error's message, a divergence rule), for tables and pages."""
+    lines = row["reason"].strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _summary_line(entry: dict[str, Any], metrics: Sequence[str]) -> str:
+    parts = [f"{m} {_pm(entry[m])}" for m in metrics]
+    return (f"{entry['ok']}/{entry['cells']} cells ok, divergence rate {_num(entry['divergence_rate'])}"
+            + (": " + "; ".join(parts) if parts else "") + ".\n")
+
+
+def write_tables(out: Path, rows, summary, paired, metrics: Sequence[str]) -> dict[str, Path]:
+    """summary.csv, paired.csv and tables/<preset>.md/.csv; returns them by name."""
+    written = {"summary.csv": _write(out / "summary.csv", summary_tables(summary, metrics)[1]),
+               "paired.csv": _write(out / "paired.csv", paired_tables(paired)[1])}
+    for entry in summary:
+        name = entry["preset"]
+        md, csv_text = cell_tables([r for r in rows if r["preset"] == name], metrics)
+        written[f"tables/{name}.md"] = _write(out / "tables" / f"{name}.md",
+                                              f"# {name}\n\n{_summary_line(entry, metrics)}\n{md}")
+        written[f"tables/{name}.csv"] = _write(out / "tables" / f"{name}.csv", csv_text)
+    return written
+
+
+def report_markdown(spec: BenchSpec, out: Path, rows, summary, paired, metrics: Sequence[str],
+                    figures: Sequence[Path]) -> str:
+    """summary.md: the table, the paired differences, links to the figures and gallery, the failed cells."""
+    links = "".join(f"- [{p.relative_to(out)}]({p.relative_to(out)})\n" for p in figures)
+    failed = "".join(f"- `{r['path']}`: {short_reason(r)}\n" for r in rows if r["status"] == "failed")
+    return (f"# Benchmark: {len(spec.presets)} presets × {len(spec.prompts)} prompts × {len(spec.seeds)} seeds\n\n"
+            "Means ± 95% interval (Student t) over the cells that did not diverge; failed and missing cells count "
+            f"as diverged. Lower is better for: {', '.join(LOWER_IS_BETTER)}.\n\n"
+            + summary_tables(summary, metrics)[0]
+            + f"\n## Paired differences against {spec.baseline} (same prompt and seed, neither diverged)\n\n"
+            + paired_tables(paired)[0] + "\n## Plots and gallery\n\n" + links
+            + (f"\n## Failed cells\n\n{failed}" if failed else ""))
+
+
+def aggregate(spec: BenchSpec, out: Path) -> dict[str, Any]:
+    """Write the tables, plots, gallery and summary.md of the bench at ``out`` from its files."""
+    from mvsdi.bench.gallery import write_gallery
+    from mvsdi.bench.plots import plot_bars, plot_scatter
+
+    out = Path(out)
+    rows = collect(spec, out)
+    metrics = metric_names(rows, spec.metrics)
+    summary = summarise(rows, spec.presets, metrics)
+    paired = paired_differences(rows, spec.baseline, spec.presets, metrics)
+    written = write_tables(out, rows, summary, paired, metrics)
+    figures = [p for p in (plot_bars(summary, metrics, out / "plots" / "metrics.png"),
+                           plot_scatter(rows, spec.baseline, spec.presets, metrics, out / "plots" / "per_prompt.png"))
+               if p is not None]
+    figures.append(write_gallery(rows, spec.presets, spec.prompts, out))
+    written["summary.md"] = _write(out / "summary.md", report_markdown(spec, out, rows, summary, paired, metrics, figures))
+    return {"rows": rows, "summary": summary, "paired": paired, "files": written}

@@ -1,0 +1,205 @@
+"""``mvsdi bench``: presets × prompts × seeds → run directories, metrics, tables, plots and a gallery.
+
+``add_parser(subparsers)`` adds the subcommand; ``run(args)`` executes it and returns the exit code
+(0 done, 2 bad input or weights that cannot be loaded, 130 interrupted). See docs/benchmark.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PRESETS = "sdi,mvsdi-k2,mvsdi-k4"
+# flag → (the Evaluator field it sets, metavar); unset flags keep the Evaluator's defaults
+WEIGHT_FLAGS = {"--clip-b32": ("clip_b32", "ID_OR_PATH"), "--clip-b16": ("clip_b16", "ID_OR_PATH"),
+                "--hpsv2": ("hpsv2_checkpoint", "CHECKPOINT"), "--hpsv2-tokenizer": ("hpsv2_tokenizer", "ID_OR_PATH"),
+                "--image-reward": ("image_reward", "PATH"),
+                "--image-reward-tokenizer": ("image_reward_tokenizer", "ID_OR_PATH")}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="run and tabulate a benchmark: presets × prompts × seeds",
+        description="Generate one run directory per (preset, prompt, seed) under OUT, measure each, and write "
+                    "per-preset tables (markdown, CSV), paired differences against a baseline preset, plots and "
+                    "an HTML gallery. Finished cells are skipped, so running the same command again resumes. "
+                    "See docs/benchmark.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--presets", default=DEFAULT_PRESETS, help="comma-separated preset names (see `mvsdi generate -h`)")
+    p.add_argument("--prompts", type=Path, metavar="FILE",
+                   help="one prompt per line (default: the 43 SDI benchmark prompts); with --model ideal, scene names")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--baseline", help="preset the others are compared with, pairwise (default: the first preset)")
+    p.add_argument("--metrics", help="comma-separated (default: all the prior's kind has); Stable Diffusion: those of "
+                   "`mvsdi eval`; --model ideal: psnr, iou, r_precision, janus")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory (shared by all nodes with Ray)")
+    p.add_argument("--retries", type=int, default=1, help="extra attempts for a cell that fails, before it is recorded as failed")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one worker per visible GPU (or the CPU); ray: one task per cell on a Ray cluster")
+    p.add_argument("--address", default="auto", help="with --executor ray: HOST:PORT or ray://HOST:PORT of the "
+                   "cluster's head, 'auto' (the cluster this node belongs to) or 'local' (a private one here)")
+    p.add_argument("--aggregate-only", type=Path, metavar="OUT",
+                   help="only rebuild the tables, plots and gallery of an earlier bench at OUT")
+    common = p.add_argument_group("overrides applied to every cell (default: the preset's)")
+    common.add_argument("--budget", type=int, help="guidance evaluations per run (a multiple of every preset's K)")
+    common.add_argument("--resolution", type=int)
+    common.add_argument("--samples-per-ray", type=int)
+    common.add_argument("--eval-views", type=int)
+    common.add_argument("--eval-resolution", type=int)
+    common.add_argument("--model", help="diffusers folder or hub id; 'ideal' or 'ideal:<size>' for the weights-free "
+                        "testbed prior (prompts are then scene names such as mug)")
+    common.add_argument("--device", help="auto, cpu, cuda (each worker sees one GPU)")
+    p.add_argument("--iou-resolution", type=int, default=64,
+                   help="with --model ideal: the voxel grid of the 3D IoU against the true shape")
+    weights = p.add_argument_group("metric weights (Stable Diffusion priors): hub ids or local copies, as in `mvsdi eval`")
+    for flag, (_, metavar) in WEIGHT_FLAGS.items():
+        weights.add_argument(flag, metavar=metavar)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# from arguments to a spec
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in _names(text))
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
+def _metrics(text: str | None, ideal: bool) -> tuple[str, ...]:
+    from mvsdi.bench.cells import TESTBED_METRICS
+    from mvsdi.evaluate.runs import DEFAULT_METRICS, parse_metrics
+
+    if not ideal:
+        return parse_metrics(text) if text else DEFAULT_METRICS
+    names = _names(text) if text else TESTBED_METRICS
+    unknown = [n for n in names if n not in TESTBED_METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or [text]} for the testbed prior; known: {', '.join(TESTBED_METRICS)}")
+    return names
+
+
+def _check_scenes(prompts: tuple[str, ...]) -> None:
+    from mvsdi.testbed.scenes import SCENES
+
+    unknown = [p for p in prompts if p not in SCENES]
+    if unknown:
+        raise ValueError(f"with --model ideal each prompt names a testbed scene; unknown: {unknown}. "
+                         f"Scenes: {', '.join(SCENES)}")
+
+
+def spec_from_args(args: argparse.Namespace):
+    from mvsdi.bench.matrix import OVERRIDES, BenchSpec, is_ideal
+    from mvsdi.evaluate.runs import benchmark_prompts, read_prompt_file
+
+    prompts = tuple(read_prompt_file(args.prompts) if args.prompts else benchmark_prompts())
+    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    spec = BenchSpec(presets=_names(args.presets), prompts=prompts, seeds=_seeds(args.seeds), overrides=overrides,
+                     baseline=args.baseline or "", metrics=())
+    ideal = is_ideal(spec.model)
+    if ideal:
+        _check_scenes(prompts)
+    if args.retries < 0 or args.iou_resolution < 2:
+        raise ValueError(f"--retries must be >= 0 and --iou-resolution >= 2, got {args.retries} and {args.iou_resolution}")
+    return dataclasses.replace(spec, metrics=_metrics(args.metrics, ideal))
+
+
+def eval_settings(spec, args: argparse.Namespace):
+    from mvsdi.bench.cells import EvalSettings
+    from mvsdi.bench.matrix import is_ideal
+    from mvsdi.evaluate.runs import Evaluator, candidate_prompts
+
+    # R-Precision retrieves each run's prompt among the bench's prompts (the 43 by default)
+    weights = tuple((field, value) for flag, (field, _) in WEIGHT_FLAGS.items()
+                    if (value := getattr(args, flag.lstrip("-").replace("-", "_"))) is not None)
+    settings = EvalSettings(metrics=spec.metrics, candidates=tuple(candidate_prompts(spec.prompts, [])),
+                            weights=weights, iou_resolution=args.iou_resolution)
+    if not is_ideal(spec.model):
+        Evaluator(spec.metrics, settings.candidates, **dict(weights)).check_available()  # now, not after a run
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+class CellLog:
+    """Appends each finished cell's record to OUT/cells.jsonl and prints one line about it."""
+
+    def __init__(self, path: Path, total: int):
+        self.path, self.total, self.count = path, total, 0
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.count += 1
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        tries = f"{record['attempts']} attempt{'s' * (record['attempts'] != 1)}"
+        detail = f": {record['error']}" if record["status"] == "failed" else f" in {record.get('seconds', 0):.1f} s"
+        print(f"[{self.count}/{self.total}] {record['cell']}: {record['status']} ({tries}){detail}", flush=True)
+
+
+def run_bench(spec, settings, out: Path, retries: int, executor: str = "local", address: str = "auto") -> dict[str, Any]:
+    from mvsdi.bench import executors
+    from mvsdi.bench.aggregate import CELLS_LOG, aggregate
+    from mvsdi.bench.cells import needs_measurement
+    from mvsdi.bench.matrix import cells, redo_reason, write_spec
+    from mvsdi.priors.loading import resolve_device
+
+    matrix = cells(spec, out)  # every config is built (and validated) before anything runs
+    if executor == "ray":
+        executors.connect_ray(address)  # an unreachable address fails before OUT is touched
+    else:
+        resolve_device(matrix[0].config.device)  # e.g. --device cuda without a GPU: say so once, not per cell
+    write_spec(out, spec)
+    todo = []
+    for cell in matrix:
+        reason = redo_reason(cell)
+        if reason is not None and cell.path.exists():
+            print(f"{cell.key}: {reason}; running it again", flush=True)
+        if reason is not None or needs_measurement(cell, settings):
+            todo.append(cell)
+    print(f"{len(matrix)} cells, {len(matrix) - len(todo)} done, {len(todo)} to run", flush=True)
+    log = CellLog(out / CELLS_LOG, len(todo))
+    if executor == "ray":
+        executors.run_ray(todo, settings, retries, log, address)
+    else:
+        executors.run_local(todo, settings, retries, log)
+    return aggregate(spec, out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mvsdi.bench.aggregate import aggregate
+    from mvsdi.bench.cells import FatalBenchError
+    from mvsdi.bench.matrix import read_spec
+    from mvsdi.evaluate.clip_metrics import MetricLoadError
+    from mvsdi.priors.stable_diffusion import PriorLoadError
+    from mvsdi.rundir import RunDirectoryError
+
+    try:
+        if args.aggregate_only:
+            out = args.aggregate_only
+            result = aggregate(read_spec(out), out)
+        else:
+            out = args.out
+            spec = spec_from_args(args)
+            result = run_bench(spec, eval_settings(spec, args), out, args.retries, args.executor, args.address)
+    except (ValueError, FatalBenchError, MetricLoadError, PriorLoadError, RunDirectoryError, OSError) as exc:
+        print(f"mvsdi: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mvsdi: interrupted; finished cells are kept: run the same command again to resume", file=sys.stderr)
+        return 130
+    print((out / "summary.md").read_text())
+    failed = sum(r["status"] == "failed" for r in result["rows"])
+    print(f"bench written to {out}" + (f"; {failed} cell(s) failed, see {out}/cells.jsonl" if failed else ""))
+    return 0

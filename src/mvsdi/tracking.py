@@ -1,0 +1,76 @@
+"""Experiment tracking: TensorBoard scalars and validation images, and wandb when asked for.
+
+The x axis of every curve is guidance evaluations spent, not optimiser steps, so runs with
+different K (and so different step counts for the same budget) line up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mvsdi.rundir import to_uint8
+
+TENSORBOARD_DIR = "tensorboard"
+# log-record fields plotted as scalars, besides the loss terms (loss_*)
+SCALARS = ("loss", "lr", "grad_norm", "guidance_evaluations", "unet_calls", "levels", "skipped")
+
+
+def check_wandb_available() -> None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("--wandb was asked for, but wandb is not installed: `pip install wandb`, "
+                         "or drop --wandb (TensorBoard logs are written anyway)") from exc
+
+
+class Tracker:
+    def __init__(self, run_folder: Path, config: dict[str, Any], tensorboard: bool = True, wandb: bool = False):
+        self.writer = None
+        self.wandb_run = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_folder) / TENSORBOARD_DIR), flush_secs=30)
+        if wandb:
+            check_wandb_available()
+            import wandb as wandb_module
+
+            self.wandb_run = wandb_module.init(project="mvsdi", config=config, name=Path(run_folder).name)
+
+    def scalars(self, record: dict[str, Any]) -> dict[str, float]:
+        values = {k: float(v) for k, v in record.items() if k in SCALARS or k.startswith("loss_")}
+        ts = record.get("t")
+        if ts:
+            values["t_mean"] = float(np.mean(ts))
+            values["t_min"] = float(np.min(ts))
+        return values
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        x = int(record["guidance_evaluations"])
+        values = self.scalars(record)
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(f"train/{name}", value, x)
+        if self.wandb_run:
+            self.wandb_run.log(values, step=x)
+
+    def log_images(self, evaluations: int, images: dict[str, torch.Tensor]) -> None:
+        """``images``: name → [H, W, 3] in [0, 1]."""
+        if self.writer:
+            for name, image in images.items():
+                self.writer.add_image(f"validation/{name}", to_uint8(image), evaluations, dataformats="HWC")
+        if self.wandb_run:
+            import wandb as wandb_module
+
+            self.wandb_run.log({f"validation/{k}": wandb_module.Image(to_uint8(v)) for k, v in images.items()},
+                               step=evaluations)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.wandb_run:
+            self.wandb_run.finish()

@@ -1,0 +1,289 @@
+"""`mvsdi bench`: the matrix end to end on the weights-free ideal prior, resuming, failures, the
+aggregation's statistics on known numbers, bad inputs, and the Ray executor on a local instance."""
+
+import csv
+import json
+import math
+import shutil
+import socket
+
+import pytest
+
+from mvsdi.bench import aggregate as agg
+from mvsdi.bench.matrix import BenchSpec, cells, redo_reason
+from mvsdi.cli import main
+from test_evaluate import tiny_clip  # noqa: F401  (a tiny random CLIP folder; the fixture of the eval tests)
+
+TINY = ["--model", "ideal:16", "--budget", "2", "--resolution", "16", "--samples-per-ray", "8", "--eval-views", "4",
+        "--eval-resolution", "16", "--device", "cpu", "--iou-resolution", "16"]
+
+
+def prompt_file(tmp_path, *lines, name="prompts.txt"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """2 presets × 2 scenes × 1 seed, run once for the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "out"
+    argv = ["bench", "--presets", "sds,mvsds-k2", "--prompts", str(prompt_file(root, "mug", "duck")), *TINY,
+            "--out", str(out)]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_end_to_end_tables_plots_and_gallery(bench):
+    out, _ = bench
+    summary = read_csv(out / "summary.csv")
+    assert [r["preset"] for r in summary] == ["sds", "mvsds-k2"]
+    for row in summary:
+        assert (row["cells"], row["ok"], row["failed"], row["missing"]) == ("2", "2", "0", "0")
+        assert float(row["guidance_evaluations"]) == 2  # the budget, whatever K is
+        assert float(row["peak_memory_gib"]) > 0
+        for metric in ("psnr", "iou", "r_precision", "janus"):
+            assert math.isfinite(float(row[f"{metric}_mean"]))
+    for preset in ("sds", "mvsds-k2"):
+        per_cell = read_csv(out / "tables" / f"{preset}.csv")
+        assert [(r["prompt"], r["seed"], r["status"]) for r in per_cell] == [("mug", "0", "ok"), ("duck", "0", "ok")]
+        assert (out / "tables" / f"{preset}.md").read_text().count("| mug | 0 | ok |") == 1
+        measured = json.loads((out / preset / "mug" / "s0" / "bench_metrics.json").read_text())
+        assert set(measured["metrics"]) == {"psnr", "iou", "r_precision", "janus"}
+        assert float(per_cell[0]["psnr"]) == pytest.approx(measured["metrics"]["psnr"])
+    paired = read_csv(out / "paired.csv")
+    assert [(r["preset"], r["metric"], r["pairs"]) for r in paired] == [
+        ("mvsds-k2", m, "2") for m in ("psnr", "iou", "r_precision", "janus")]
+    assert {r["cell"] for r in records(out)} == {f"{p}/{s}/s0" for p in ("sds", "mvsds-k2") for s in ("mug", "duck")}
+    assert (out / "plots" / "metrics.png").stat().st_size > 0 and (out / "plots" / "per_prompt.png").stat().st_size > 0
+    gallery = (out / "gallery.html").read_text()
+    assert gallery.count("<video") == 4 and 'src="mvsds-k2/duck/s0/turntable.mp4"' in gallery
+    assert "Paired differences against sds" in (out / "summary.md").read_text()
+
+
+def test_rerun_skips_done_cells_and_aggregate_only_rebuilds_the_tables(bench, monkeypatch, capsys):
+    out, argv = bench
+    import mvsdi.generate
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("a done cell was generated again")
+
+    monkeypatch.setattr(mvsdi.generate, "generate", no_generate)
+    cell_files = sorted(p for p in out.rglob("*") if p.is_file() and "/s0/" in str(p))
+    mtimes = {p: p.stat().st_mtime_ns for p in cell_files}
+    lines_before = len(records(out))
+    assert main(argv) == 0
+    assert "4 cells, 4 done, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in cell_files} == mtimes
+    assert len(records(out)) == lines_before
+
+    before = (out / "summary.csv").read_text()
+    (out / "summary.csv").unlink()
+    assert main(["bench", "--aggregate-only", str(out)]) == 0
+    assert (out / "summary.csv").read_text() == before
+
+
+def test_a_run_with_another_config_or_status_is_redone_and_says_why(bench, tmp_path):
+    out, _ = bench
+    spec = BenchSpec(presets=("sds",), prompts=("mug",), seeds=(0,),
+                     overrides={"model": "ideal:16", "budget": 2, "resolution": 16, "samples_per_ray": 8,
+                                "eval_views": 4, "eval_resolution": 16, "device": "cpu"})
+    shutil.copytree(out / "sds", tmp_path / "sds")
+    cell = cells(spec, tmp_path)[0]
+    assert redo_reason(cell) is None
+    config = json.loads((cell.path / "config.json").read_text())
+    (cell.path / "config.json").write_text(json.dumps({**config, "budget": 4}))
+    assert "differs in: budget" in redo_reason(cell)
+    summary = json.loads((cell.path / "summary.json").read_text())
+    (cell.path / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    assert "'interrupted'" in redo_reason(cell)
+    shutil.rmtree(cell.path / "renders")
+    assert redo_reason(cells(spec, tmp_path / "nowhere")[0]) == "not run yet"
+
+
+def test_a_failing_cell_is_retried_then_recorded_as_failed(tmp_path, monkeypatch, capsys):
+    import mvsdi.generate
+
+    calls = []
+
+    def broken_generate(config, out, **kwargs):
+        calls.append(config.prompt)
+        raise RuntimeError(f"boom {len(calls)}")
+
+    monkeypatch.setattr(mvsdi.generate, "generate", broken_generate)
+    out = tmp_path / "out"
+    argv = ["bench", "--presets", "sds", "--prompts", str(prompt_file(tmp_path, "mug")), *TINY, "--out", str(out),
+            "--retries", "2"]
+    assert main(argv) == 0
+    assert calls == ["mug"] * 3
+    (record,) = records(out)
+    assert (record["cell"], record["status"], record["attempts"]) == ("sds/mug/s0", "failed", 3)
+    assert record["error"] == "RuntimeError: boom 3"
+    (row,) = read_csv(out / "summary.csv")
+    assert (row["failed"], row["ok"], float(row["divergence_rate"])) == ("1", "0", 1.0)
+    assert read_csv(out / "tables" / "sds.csv")[0]["reason"] == "RuntimeError: boom 3"
+    assert "failed" in (out / "gallery.html").read_text()
+    assert "1 cell(s) failed" in capsys.readouterr().out
+
+
+def test_stable_diffusion_cells_get_the_clip_metrics(tiny_clip, tmp_path):
+    """The Stable Diffusion path: a tiny random SD stack, and the CLIP metrics on a tiny random CLIP."""
+    out = tmp_path / "out"
+    argv = ["bench", "--presets", "sds", "--prompts", str(prompt_file(tmp_path, "a red apple")), "--model", "tiny",
+            "--budget", "2", "--resolution", "16", "--samples-per-ray", "8", "--eval-views", "4",
+            "--eval-resolution", "16", "--device", "cpu", "--clip-b32", str(tiny_clip), "--clip-b16", str(tiny_clip),
+            "--out", str(out)]
+    assert main(argv) == 0
+    run = out / "sds" / "a-red-apple" / "s0"
+    detailed = json.loads((run / "metrics.json").read_text())  # mvsdi eval's file, kept beside the bench's
+    measured = json.loads((run / "bench_metrics.json").read_text())
+    assert measured["metrics"]["clip_score"] == pytest.approx(detailed["metrics"]["clip_score"]["mean"])
+    assert measured["metrics"]["r_precision"] == 1.0  # the only candidate prompt is the run's own
+    assert measured["diverged"] == detailed["divergence"]["diverged"]
+    (row,) = read_csv(out / "tables" / "sds.csv")
+    assert list(row)[3:10] == ["clip_score", "r_precision", "clip_iqa_quality", "clip_iqa_real", "clip_iqa_sharpness",
+                               "janus", "guidance_evaluations"]
+    assert row["status"] == ("diverged" if measured["diverged"] else "ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation statistics on known numbers
+
+
+def row(preset, prompt, status="ok", seed=0, **metrics):
+    return {"preset": preset, "prompt": prompt, "seed": seed, "status": status, "reason": "", "metrics": metrics,
+            "path": f"{preset}/{prompt}/s{seed}", "guidance_evaluations": 10, "unet_calls": 20, "train_seconds": 1.5,
+            "peak_memory_gib": 2.0 if preset == "a" else 3.0}
+
+
+def test_summary_means_intervals_and_divergence_rate():
+    rows = [row("a", "p1", psnr=1.0), row("a", "p2", psnr=2.0), row("a", "p3", psnr=3.0),
+            row("a", "p4", status="failed"), row("b", "p1", psnr=5.0), row("b", "p2", status="diverged", psnr=99.0)]
+    a, b = agg.summarise(rows, ["a", "b"], ["psnr"])
+    assert (a["cells"], a["ok"], a["failed"], a["divergence_rate"]) == (4, 3, 1, 0.25)
+    mean, half = a["psnr"]
+    assert mean == pytest.approx(2.0) and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # t(2) · s / √n
+    assert b["psnr"][0] == 5.0 and math.isnan(b["psnr"][1])  # the diverged 99 is out; one value: no interval
+    assert (b["divergence_rate"], b["peak_memory_gib"], b["unet_calls"]) == (0.5, 3.0, 20)
+
+
+def test_paired_differences_use_only_pairs_where_neither_diverged():
+    rows = [row("a", "p1", psnr=1.0), row("a", "p2", psnr=2.0), row("a", "p3", status="diverged", psnr=0.0),
+            row("a", "p4", psnr=4.0),
+            row("b", "p1", psnr=2.0), row("b", "p2", psnr=4.0), row("b", "p3", psnr=9.0),
+            row("b", "p4", status="failed")]
+    (diff,) = agg.paired_differences(rows, "a", ["a", "b"], ["psnr"])
+    assert (diff["preset"], diff["pairs"]) == ("b", 2)
+    assert diff["mean_difference"] == pytest.approx(1.5)  # (2−1, 4−2)
+    assert diff["ci95"] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def bench_error(argv, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mvsdi: error: ")
+    return err
+
+
+def test_bad_inputs_exit_2_with_the_reason(tmp_path, capsys):
+    mug = str(prompt_file(tmp_path, "mug"))
+    out = ["--out", str(tmp_path / "out")]
+    assert "unknown preset(s) ['nope']" in bench_error(["--presets", "sds,nope", "--prompts", mug, *TINY, *out], capsys)
+    assert "unknown metric(s) ['clip_score']" in bench_error(["--prompts", mug, "--metrics", "clip_score", *TINY, *out],
+                                                            capsys)
+    assert "unknown metric(s) ['sharpness']" in bench_error(["--model", "tiny", "--metrics", "sharpness", *out], capsys)
+    blank = str(prompt_file(tmp_path, "mug", "", "duck", name="blank.txt"))
+    assert "blank line(s) [2]" in bench_error(["--prompts", blank, *TINY, *out], capsys)
+    twice = str(prompt_file(tmp_path, "mug", "duck", "Mug", name="twice.txt"))
+    assert "line 3 repeats line 1" in bench_error(["--prompts", twice, *TINY, *out], capsys)
+    assert "testbed scene" in bench_error(["--prompts", str(prompt_file(tmp_path, "a cat", name="cat.txt")), *TINY, *out],
+                                          capsys)
+    assert "K=4" in bench_error(["--presets", "sds,mvsds-k4", "--prompts", mug, *TINY, *out], capsys)
+    assert "no readable bench.json" in bench_error(["--aggregate-only", str(tmp_path)], capsys)
+    assert not (tmp_path / "out").exists()  # nothing was written for a bad command
+
+
+def test_weights_that_cannot_be_loaded_stop_the_bench_with_the_loaders_message(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    err = bench_error(["--presets", "sds", "--prompts", str(prompt_file(tmp_path, "a cat")), "--model", str(missing),
+                       "--budget", "2", "--resolution", "16", "--device", "cpu", "--out", str(tmp_path / "out")], capsys)
+    assert str(missing) in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    err = bench_error(["--presets", "sds", "--prompts", str(prompt_file(tmp_path, "mug")), *TINY, "--executor", "ray",
+                       "--out", str(tmp_path / "out")], capsys)
+    assert "pip install 'mvsdi[ray]'" in err
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_ray_address_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("ray")
+    address = f"127.0.0.1:{free_port()}"
+    err = bench_error(["--presets", "sds", "--prompts", str(prompt_file(tmp_path, "mug")), *TINY, "--executor", "ray",
+                       "--address", address, "--out", str(tmp_path / "out")], capsys)
+    assert f"no Ray cluster answers at {address}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_executor_on_a_local_instance(tmp_path):
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "out"
+    argv = ["bench", "--presets", "mvsds-k2", "--prompts", str(prompt_file(tmp_path, "duck")), *TINY,
+            "--executor", "ray", "--address", "local", "--out", str(out)]
+    try:
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    (record,) = records(out)
+    assert (record["cell"], record["status"]) == ("mvsds-k2/duck/s0", "generated")
+    (row,) = read_csv(out / "tables" / "mvsds-k2.csv")
+    assert row["status"] == "ok" and math.isfinite(float(row["psnr"]))
+
+
+def test_local_executor_gives_each_worker_process_one_gpu(bench, tmp_path):
+    """The multi-GPU path without GPUs: one spawned worker per listed device, pinned with
+    CUDA_VISIBLE_DEVICES. The cells are done ones (device "auto"), so the workers only check them."""
+    from mvsdi.bench.cells import EvalSettings
+    from mvsdi.bench.executors import run_local
+
+    out, _ = bench
+    for preset in ("sds", "mvsds-k2"):
+        shutil.copytree(out / preset / "mug", tmp_path / preset / "mug")
+        config_file = tmp_path / preset / "mug" / "s0" / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "device": "auto"}))
+    stored = json.loads((tmp_path / "sds" / "mug" / "s0" / "bench_metrics.json").read_text())["settings"]
+    settings = EvalSettings.from_dict(stored)
+    spec = BenchSpec(presets=("sds", "mvsds-k2"), prompts=("mug",), seeds=(0,),
+                     overrides={"model": "ideal:16", "budget": 2, "resolution": 16, "samples_per_ray": 8,
+                                "eval_views": 4, "eval_resolution": 16, "device": "auto"})
+    results = []
+    run_local(cells(spec, tmp_path), settings, 0, results.append, gpus=["3", "5"])
+    assert sorted((r["cell"], r["status"], r["cuda_visible_devices"]) for r in results) == [
+        ("mvsds-k2/mug/s0", "skipped", "5"), ("sds/mug/s0", "skipped", "3")]
