@@ -13,7 +13,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mvsdi.cameras import SAMPLERS
-from mvsdi.config import DEFAULT_BUDGET, PRESETS, preset
+from mvsdi.config import DEFAULT_BUDGET, PRESETS, VIEW_BATCHING, preset
+from mvsdi.priors.stable_diffusion import FAST_UNET_MODES
 
 DEFAULT_PRESET = "mvsdi-k2"
 
@@ -24,8 +25,8 @@ def _slug(prompt: str) -> str:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="distil a 3D field from a text prompt",
-                       description="Distil a 3D field from PROMPT with a frozen 2D diffusion prior.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Distil a 3D field from PROMPT with a frozen 2D diffusion prior. "
+                                   "Options left out take the preset's value.")
     p.add_argument("prompt", nargs="?", help="the text prompt, e.g. \"a ripe strawberry\" (not needed with --resume)")
     p.add_argument("--preset", help=f"default {DEFAULT_PRESET}; one of: "
                    + "; ".join(f"{k} ({v[0]})" for k, v in PRESETS.items()))
@@ -44,6 +45,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run directory (default: runs/<prompt>-<preset>-s<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out once the new one completes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--view-batching", choices=VIEW_BATCHING,
+                   help="K>1: one batched prior pass for a step's K views, or one per view (default auto: "
+                        "batched on CUDA; the gradient is the same up to float rounding)")
+    p.add_argument("--fast-unet", choices=FAST_UNET_MODES,
+                   help="run the UNet under torch.compile or CUDA graphs (default off; see docs/performance.md)")
     p.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints (preset: 1000)")
     p.add_argument("--resume", type=Path, metavar="RUN",
                    help="continue the stopped or killed run RUN from its last checkpoint; other options must "
@@ -55,7 +61,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 OVERRIDES = ("views", "sampler", "budget", "model", "seed", "resolution", "samples_per_ray", "eval_views",
-             "eval_resolution", "device", "checkpoint_every")
+             "eval_resolution", "device", "checkpoint_every", "view_batching", "fast_unet")
 
 OUT_OF_MEMORY = (
     "out of GPU memory. Lower --resolution (training renders) or --samples-per-ray, or --eval-resolution if "

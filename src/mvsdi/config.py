@@ -15,7 +15,7 @@ from mvsdi.cameras import CameraRanges, check_sampler
 from mvsdi.field import FieldConfig
 from mvsdi.guidance import GuidanceConfig, SDIConfig, SDSConfig
 from mvsdi.priors.prompts import PromptConfig
-from mvsdi.priors.stable_diffusion import DEFAULT_MODEL
+from mvsdi.priors.stable_diffusion import DEFAULT_MODEL, FAST_UNET_MODES
 from mvsdi.schedules import LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule, steps_for_budget
 
 DEFAULT_BUDGET = 10_000
@@ -57,6 +57,8 @@ class RunConfig:
     # K>1: "batched" = one prior pass for a step's K targets, "sequential" = one per view,
     # "auto" = batched on CUDA only (the same gradient up to float rounding; see docs/performance.md)
     view_batching: str = "auto"
+    # UNet calls eager ("off"), under torch.compile, or replayed from CUDA graphs; see docs/performance.md
+    fast_unet: str = "off"
     max_consecutive_skips: int = 10  # non-finite steps in a row before rolling back to the last checkpoint
     max_rollbacks: int = 3  # rollbacks before the run stops as diverged
 
@@ -67,6 +69,8 @@ class RunConfig:
         steps_for_budget(self.budget, self.views)
         if self.view_batching not in VIEW_BATCHING:
             raise ValueError(f"view_batching must be one of {', '.join(VIEW_BATCHING)}, got {self.view_batching!r}")
+        if self.fast_unet not in FAST_UNET_MODES:
+            raise ValueError(f"fast_unet must be one of {', '.join(FAST_UNET_MODES)}, got {self.fast_unet!r}")
         for name in ("resolution", "samples_per_ray", "eval_views", "eval_resolution", "checkpoint_every",
                      "max_consecutive_skips", "max_rollbacks"):
             if getattr(self, name) < 1:

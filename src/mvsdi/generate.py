@@ -34,6 +34,10 @@ VALIDATION_VIEWS, VALIDATION_RESOLUTION = 4, 64
 EMPTY_OPACITY, SATURATED_OPACITY = 0.005, 0.98
 
 
+# config fields that say how a run executes, not what it computes: a resume may change them
+EXECUTION_SETTINGS = ("device", "fast_unet", "view_batching", "checkpoint_every")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tracking:
     tensorboard: bool = True
@@ -173,6 +177,10 @@ def _execute(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tra
     if tracking.wandb:
         check_wandb_available()
     prior = load_prior(config.model, device)
+    if config.fast_unet != "off":
+        if not hasattr(prior, "use_fast_unet"):
+            raise ValueError(f"--fast-unet {config.fast_unet} applies to Stable Diffusion priors, not {config.model!r}")
+        prior.use_fast_unet(config.fast_unet)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = Model.create(config, device)
@@ -264,8 +272,7 @@ def resume(out: Path, overrides: dict[str, Any] | None = None, force: bool = Fal
         problems = config_differences(saved, config.to_dict())
         if state.get("mvsdi_version") != mvsdi.__version__:
             problems.append(f"mvsdi version: {state.get('mvsdi_version')} → {mvsdi.__version__}")
-        # the device is where the run executes, not what it computes
-        problems = [p for p in problems if not p.startswith("device:")]
+        problems = [p for p in problems if p.split(":")[0] not in EXECUTION_SETTINGS]
         if problems and not force:
             raise RunDirectoryError(f"resuming {out} would change the run: " + "; ".join(problems)
                                     + ". Drop those options, or pass --force to continue with them.")
