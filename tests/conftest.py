@@ -24,3 +24,26 @@ def tiny_sd_folder(tmp_path_factory):
 def isolated_cache(tmp_path_factory):
     """Keep `--model tiny` runs from writing into the user's cache."""
     os.environ["MVSDI_CACHE"] = str(tmp_path_factory.mktemp("mvsdi-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIPModel + character tokenizer saved with save_pretrained (32² images, patch 8)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from mvsdi.priors.tiny import character_vocab
+
+    vocab = character_vocab()
+    ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+               pad_token_id=vocab["<|endoftext|>"])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, **ids),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(config).save_pretrained(folder)
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(folder)
+    return folder

@@ -12,7 +12,6 @@ import pytest
 from mvsdi.bench import aggregate as agg
 from mvsdi.bench.matrix import BenchSpec, cells, redo_reason
 from mvsdi.cli import main
-from test_evaluate import tiny_clip  # noqa: F401  (a tiny random CLIP folder; the fixture of the eval tests)
 
 TINY = ["--model", "ideal:16", "--budget", "2", "--resolution", "16", "--samples-per-ray", "8", "--eval-views", "4",
         "--eval-resolution", "16", "--device", "cpu", "--iou-resolution", "16"]
@@ -109,6 +108,46 @@ def test_a_run_with_another_config_or_status_is_redone_and_says_why(bench, tmp_p
     assert "'interrupted'" in redo_reason(cell)
     shutil.rmtree(cell.path / "renders")
     assert redo_reason(cells(spec, tmp_path / "nowhere")[0]) == "not run yet"
+
+
+def test_an_interrupted_run_is_resumed_from_its_checkpoint(bench, tmp_path, monkeypatch):
+    """`generate.resume` continues a run committed as "interrupted" with the cell's config; when it
+    cannot (no usable checkpoint), the cell is trained again from the start."""
+    import mvsdi.generate
+    from mvsdi.bench.cells import EvalSettings, run_cell
+    from mvsdi.rundir import RunDirectoryError
+
+    out, _ = bench
+    shutil.copytree(out / "sds" / "mug", tmp_path / "sds" / "mug")
+    spec = BenchSpec(presets=("sds",), prompts=("mug",), seeds=(0,),
+                     overrides={"model": "ideal:16", "budget": 2, "resolution": 16, "samples_per_ray": 8,
+                                "eval_views": 4, "eval_resolution": 16, "device": "cpu"})
+    (cell,) = cells(spec, tmp_path)
+    summary_file = cell.path / "summary.json"
+    completed = summary_file.read_text()
+    calls = []
+
+    def finish(name, path):  # stands in for training: the run ends "completed"
+        calls.append((name, path))
+        summary_file.write_text(completed)
+        return path
+
+    def resume(path, **kwargs):
+        return finish("resume", path)
+
+    def cannot_resume(path, **kwargs):
+        calls.append(("resume", path))
+        raise RunDirectoryError("no checkpoint")
+
+    monkeypatch.setattr(mvsdi.generate, "generate", lambda config, path, **kwargs: finish("generate", path))
+    settings = EvalSettings.from_dict(json.loads((cell.path / "bench_metrics.json").read_text())["settings"])
+    for fake, expected_calls, status in ((resume, [("resume", cell.path)], "resumed"),
+                                         (cannot_resume, [("resume", cell.path), ("generate", cell.path)], "generated")):
+        monkeypatch.setattr(mvsdi.generate, "resume", fake)
+        summary_file.write_text(json.dumps({**json.loads(completed), "status": "interrupted"}))
+        calls.clear()
+        assert run_cell(cell, settings, retries=0)["status"] == status
+        assert calls == expected_calls
 
 
 def test_a_failing_cell_is_retried_then_recorded_as_failed(tmp_path, monkeypatch, capsys):

@@ -17,30 +17,7 @@ from mvsdi.evaluate import cli, runs
 from mvsdi.evaluate.divergence import MEAN_FLOOR, STD_FLOOR, check_divergence, is_degenerate
 
 # ---------------------------------------------------------------------------------------------
-# fixtures: a tiny random CLIP on disk, fake run directories
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny random CLIPModel + character tokenizer saved with save_pretrained (32² images, patch 8)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from mvsdi.priors.tiny import character_vocab
-
-    vocab = character_vocab()
-    ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-               pad_token_id=vocab["<|endoftext|>"])
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, **ids),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).save_pretrained(folder)
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(folder)
-    return folder
+# fixtures: fake run directories (the tiny random CLIP is in conftest.py)
 
 
 def make_run(root, name, prompt, images, version=None, eval_views=None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -17,10 +16,6 @@ from mvsdi.config import DEFAULT_BUDGET, PRESETS, VIEW_BATCHING, preset
 from mvsdi.priors.stable_diffusion import FAST_UNET_MODES
 
 DEFAULT_PRESET = "mvsdi-k2"
-
-
-def _slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "run"
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +81,9 @@ def _generate(args: argparse.Namespace) -> int:
         if args.force:
             raise ValueError("--force only applies to --resume")
         config = preset(args.preset or DEFAULT_PRESET, args.prompt, **overrides)
-        out = args.out or Path("runs") / f"{_slug(config.prompt)}-{config.preset}-s{config.seed}"
+        from mvsdi.rundir import prompt_slug
+
+        out = args.out or Path("runs") / f"{prompt_slug(config.prompt)}-{config.preset}-s{config.seed}"
         path = generate(config, out, overwrite=args.overwrite, progress=progress, tracking=tracking)
     print(f"run written to {path}")
     return 0

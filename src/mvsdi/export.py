@@ -13,9 +13,8 @@ Turntables: RGB | normals | depth side by side, on the evaluation orbit.
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path

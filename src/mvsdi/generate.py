@@ -124,7 +124,9 @@ class Validation:
     def __call__(self, record: dict[str, Any]) -> None:
         if (record["step"] + 1) % self.every:
             return
-        outs = self.distiller.evaluation_renders(VALIDATION_VIEWS, VALIDATION_RESOLUTION)
+        c = self.distiller.config  # never larger than the run's own evaluation renders
+        outs = self.distiller.evaluation_renders(min(VALIDATION_VIEWS, c.eval_views),
+                                                 min(VALIDATION_RESOLUTION, c.eval_resolution))
         opacity = torch.cat([o.opacity for o in outs])
         kind = collapse_kind(opacity)
         if kind and self.collapse is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +24,11 @@ CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 RENDERS = "renders"
 TURNTABLE = "turntable.mp4"
+
+
+def prompt_slug(prompt: str) -> str:
+    """A prompt as a folder name: lowercase words joined by '-', at most 60 characters."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "run"
 
 
 class RunDirectoryError(RuntimeError):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mvsdi.bench.cells import CELL_METRICS
-from mvsdi.bench.matrix import BenchSpec, Cell, cells, is_done
+from mvsdi.bench.matrix import BenchSpec, Cell, cells, redo_reason
 from mvsdi.rundir import SUMMARY, atomic_write_bytes
 from mvsdi.testbed.study import mean_interval
 
@@ -56,7 +56,8 @@ def peak_memory_gib(summary: dict[str, Any]) -> float | None:
 def cell_row(cell: Cell, record: dict[str, Any] | None) -> dict[str, Any]:
     row: dict[str, Any] = {"preset": cell.preset, "prompt": cell.prompt, "seed": cell.seed, "status": "missing",
                            "reason": "", "metrics": {}, "path": cell.key}
-    measured = _read_json(cell.path / CELL_METRICS) if is_done(cell) else None
+    redo = redo_reason(cell)
+    measured = _read_json(cell.path / CELL_METRICS) if redo is None else None
     if measured is not None:
         summary = _read_json(cell.path / SUMMARY) or {}
         row.update({k: summary.get(k) for k in COSTS}, peak_memory_gib=peak_memory_gib(summary),
@@ -64,8 +65,8 @@ def cell_row(cell: Cell, record: dict[str, Any] | None) -> dict[str, Any]:
                    reason=measured.get("diverged_reason", ""))
     elif record is not None and record.get("status") == "failed":
         row.update(status="failed", reason=record.get("error", ""))
-    elif cell.path.exists():
-        row["reason"] = "not finished, not measured, or made with another config"
+    else:
+        row["reason"] = redo or "not measured"
     return row
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mvsdi.bench.matrix import Cell, is_done, is_ideal
+from mvsdi.bench.matrix import Cell, config_differences, is_done, is_ideal, run_status
 from mvsdi.rundir import SUMMARY, atomic_write_json
 
 CELL_METRICS = "bench_metrics.json"  # per-cell metrics, flat, read back by the aggregation
@@ -139,17 +139,28 @@ def _is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, (PriorLoadError, MetricLoadError))
 
 
-def _attempt(cell: Cell, settings: EvalSettings) -> str:
-    from mvsdi.generate import generate
+def _train(cell: Cell) -> tuple[str, Path]:
+    """Continue an interrupted run of this very config from its checkpoint; otherwise train from the start."""
+    from mvsdi import generate as gen
+    from mvsdi.rundir import RunDirectoryError
 
+    if run_status(cell) == "interrupted" and not config_differences(cell):
+        try:
+            return "resumed", gen.resume(cell.path, progress=False)
+        except RunDirectoryError:  # no usable checkpoint (or nothing left to run): start again
+            pass
+    return "generated", gen.generate(cell.config, cell.path, overwrite=True, progress=False)
+
+
+def _attempt(cell: Cell, settings: EvalSettings) -> str:
+    """One try at a cell: train it unless done, measure it unless measured with these settings."""
     if is_done(cell):
         action = "skipped"
     else:
-        written = generate(cell.config, cell.path, overwrite=True, progress=False)
+        action, written = _train(cell)
         if _status(written) == "interrupted":  # Ctrl-C: generate saved the run; stop the whole bench
             raise KeyboardInterrupt
-        action = "generated"
-    if action == "generated" or needs_measurement(cell, settings):
+    if action != "skipped" or needs_measurement(cell, settings):
         measure(cell, settings)
     return action
 

@@ -31,10 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--presets", default=DEFAULT_PRESETS, help="comma-separated preset names (see `mvsdi generate -h`)")
     p.add_argument("--prompts", type=Path, metavar="FILE",
-                   help="one prompt per line (default: the 43 SDI benchmark prompts); with --model ideal, scene names")
+                   help="one prompt per line (None: the 43 SDI benchmark prompts); with --model ideal, scene names")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--baseline", help="preset the others are compared with, pairwise (default: the first preset)")
-    p.add_argument("--metrics", help="comma-separated (default: all the prior's kind has); Stable Diffusion: those of "
+    p.add_argument("--baseline", help="preset the others are compared with, pairwise; None: the first preset")
+    p.add_argument("--metrics", help="comma-separated; None: all of the prior's kind. Stable Diffusion: those of "
                    "`mvsdi eval`; --model ideal: psnr, iou, r_precision, janus")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory (shared by all nodes with Ray)")
     p.add_argument("--retries", type=int, default=1, help="extra attempts for a cell that fails, before it is recorded as failed")

@@ -124,12 +124,15 @@ def connect_ray(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S):
     check_reachable(address, timeout_s)
     if not ray.is_initialized():
         try:
-            if address == "local":  # a private instance for this bench: no dashboard (seconds of start-up)
-                ray.init(include_dashboard=False, log_to_driver=False)
+            if address == "local":  # always a new private instance (not a `ray start` cluster of this
+                # machine, as a plain ray.init() would join), without a dashboard (seconds of start-up)
+                ray.init(address="local", include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, log_to_driver=False)
         except ConnectionError as exc:
-            raise ValueError(f"cannot join the Ray cluster at {address}: {exc}") from exc
+            raise ValueError(f"cannot join the Ray cluster at {address}: {exc}. If the cluster uses token "
+                             "authentication (on by default for `ray start` from Ray 2.59), set RAY_AUTH_MODE=token "
+                             "here too, with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from exc
     return ray
 
 

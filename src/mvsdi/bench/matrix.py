@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvsdi.cli import _slug
+from mvsdi.rundir import prompt_slug
 from mvsdi.config import PRESETS, RunConfig, preset
 from mvsdi.rundir import CONFIG, SUMMARY, atomic_write_json
 
@@ -81,18 +81,18 @@ class Cell:
     @property
     def key(self) -> str:
         """A stable name of the cell: its run directory relative to the bench's output."""
-        return f"{self.preset}/{_slug(self.prompt)}/s{self.seed}"
+        return f"{self.preset}/{prompt_slug(self.prompt)}/s{self.seed}"
 
 
 def cells(spec: BenchSpec, out: Path) -> list[Cell]:
     """Every cell, configs built (and so validated) before any run starts."""
     slugs: dict[str, str] = {}
     for prompt in spec.prompts:
-        other = slugs.setdefault(_slug(prompt), prompt)
+        other = slugs.setdefault(prompt_slug(prompt), prompt)
         if other != prompt:
-            raise ValueError(f"prompts {other!r} and {prompt!r} share the directory name {_slug(prompt)!r}; "
+            raise ValueError(f"prompts {other!r} and {prompt!r} share the directory name {prompt_slug(prompt)!r}; "
                              "make them differ in their first 60 letters or digits")
-    return [Cell(name, prompt, seed, out / name / _slug(prompt) / f"s{seed}", spec.cell_config(name, prompt, seed))
+    return [Cell(name, prompt, seed, out / name / prompt_slug(prompt) / f"s{seed}", spec.cell_config(name, prompt, seed))
             for name in spec.presets for prompt in spec.prompts for seed in spec.seeds]
 
 

@@ -259,8 +259,8 @@ def variance_markdown(variance: list[dict[str, Any]]) -> str:
             cells = [summary.get((guidance, method, f)) for f in fractions]
             if not any(cells):
                 continue
-            text = ["" if c is None else f"{c[0]:.2f}" if method == METHODS[0].name else f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]"
-                    for c in cells]
+            text = ["" if c is None else f"{c[0]:.2f}" if method == METHODS[0].name  # K1/K1 is 1 exactly
+                    else f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]" for c in cells]
             lines.append("| " + " | ".join([guidance, method, *text]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -329,9 +329,9 @@ def plot_variance(variance: list[dict[str, Any]], out: Path) -> Path:
     guidances = list(dict.fromkeys(v["guidance"] for v in variance))
     fig, axes = plt.subplots(1, len(guidances), figsize=(5 * len(guidances), 3.6), squeeze=False)
     for ax, guidance in zip(axes[0], guidances):
-        for method in METHODS[1:]:
+        for slot, method in enumerate(METHODS[1:]):
             points = sorted((f, r) for (g, m, f), r in summary.items() if g == guidance and m == method.name)
-            fractions = np.array([f for f, _ in points])
+            fractions = np.array([f for f, _ in points]) + 0.01 * (slot - 2)  # side by side, so the bars stay apart
             ratio, low, high = (np.array([r[i] for _, r in points]) for i in range(3))
             ax.errorbar(fractions, ratio, yerr=np.nan_to_num([ratio - low, high - ratio]), marker="o", capsize=3,
                         label=method.name)
