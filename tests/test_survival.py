@@ -81,6 +81,7 @@ def test_ctrl_c_once_saves_and_resume_ends_where_an_uninterrupted_run_ends(unint
     assert cli.main(["generate", "--resume", str(out), "--no-progress"]) == 0
     assert _summary(out)["status"] == "completed"
     assert _summary(out)["guidance_evaluations"] == _summary(uninterrupted)["guidance_evaluations"] == 8
+    assert _summary(out)["resumed_at"] == {"step": 2, "guidance_evaluations": 4}
     _assert_same_weights(out, uninterrupted)
     assert _log_without_times(out) == _log_without_times(uninterrupted)
 

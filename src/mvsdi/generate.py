@@ -155,8 +155,11 @@ def disk_space_needed(config: RunConfig, model: Model) -> int:
 
 
 def _summary(config: RunConfig, distiller: Distiller, result: TrainResult, validation: Validation,
-             device: torch.device, evaluation_seconds: float, n_renders: int) -> dict[str, Any]:
+             device: torch.device, evaluation_seconds: float, n_renders: int,
+             resumed_at: dict[str, int] | None) -> dict[str, Any]:
     counters, prior = distiller.counters, distiller.prior
+    # the rate of this process: a resumed run's train_seconds covers only the steps it ran itself
+    evaluations_here = counters.guidance_evaluations - (resumed_at or {}).get("guidance_evaluations", 0)
     return {
         "status": result.status, "prompt": config.prompt, "preset": config.preset,
         "steps": counters.steps, "steps_planned": config.steps, "views_per_step": config.views,
@@ -165,7 +168,7 @@ def _summary(config: RunConfig, distiller: Distiller, result: TrainResult, valid
         "guidance_evaluations": counters.guidance_evaluations, "budget": config.budget,
         "unet_calls": prior.counters.calls, "unet_images": prior.counters.images,
         "train_seconds": result.wall_seconds, "evaluation_seconds": evaluation_seconds,
-        "evaluations_per_second": counters.guidance_evaluations / max(result.wall_seconds, 1e-9),
+        "resumed_at": resumed_at, "evaluations_per_second": evaluations_here / max(result.wall_seconds, 1e-9),
         "evaluation_renders": n_renders, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         **_peak_memory(device), "versions": _versions(),
@@ -189,9 +192,11 @@ def _execute(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tra
     run.check_free_space(disk_space_needed(config, model))
     run.write_config(config.to_dict())
     distiller = Distiller(config, prior, model, device)
+    resumed_at = None
     if start_state is not None:
         distiller.restore(start_state)
         run.truncate_log(distiller.counters.steps)
+        resumed_at = {"step": distiller.counters.steps, "guidance_evaluations": distiller.counters.guidance_evaluations}
     tracker = Tracker(run.path, config.to_dict(), tensorboard=tracking.tensorboard, wandb=tracking.wandb)
     bar = Progress(config, progress, distiller.counters.guidance_evaluations)
     validation = Validation(distiller, tracker)
@@ -211,7 +216,8 @@ def _execute(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tra
         tracker.close()
     started = time.perf_counter()
     n_renders = write_evaluation(run, distiller)
-    run.write_summary(_summary(config, distiller, result, validation, device, time.perf_counter() - started, n_renders))
+    run.write_summary(_summary(config, distiller, result, validation, device, time.perf_counter() - started, n_renders,
+                               resumed_at))
     if result.status == "interrupted" and run.final_is_completed():
         run.close()  # never replace a completed run by an interrupted one
         print(f"mvsdi: the interrupted run is kept at {run.path}; {run.final} still holds the completed run",
