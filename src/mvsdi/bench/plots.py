@@ -6,21 +6,14 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
+from mvsdi.plotting import pyplot, save_figure
 
 
 def plot_bars(summary: Sequence[dict[str, Any]], metrics: Sequence[str], out: Path) -> Path | None:
     """One panel per metric, one bar per preset (mean over "ok" cells), error bars the 95% interval."""
     if not metrics:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     names = [e["preset"] for e in summary]
     for ax, metric in zip(axes[0], metrics):
@@ -29,11 +22,7 @@ def plot_bars(summary: Sequence[dict[str, Any]], metrics: Sequence[str], out: Pa
         ax.bar(range(len(names)), means, yerr=halves, capsize=4, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(metric)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def per_prompt_means(rows: Sequence[dict[str, Any]], preset: str, metric: str) -> dict[str, float]:
@@ -52,7 +41,7 @@ def plot_scatter(rows: Sequence[dict[str, Any]], baseline: str, presets: Sequenc
     others = [p for p in presets if p != baseline]
     if not metrics or not others:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(metrics), len(others), figsize=(3.2 * len(others), 3.2 * len(metrics)), squeeze=False)
     for i, metric in enumerate(metrics):
         base = per_prompt_means(rows, baseline, metric)
@@ -68,8 +57,4 @@ def plot_scatter(rows: Sequence[dict[str, Any]], baseline: str, presets: Sequenc
             ax.set_xlabel(f"{baseline}")
             ax.set_ylabel(f"{name}")
             ax.set_title(metric, fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

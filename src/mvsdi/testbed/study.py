@@ -27,6 +27,7 @@ import torch
 from mvsdi.config import RunConfig, preset
 from mvsdi.distill import Distiller, Model
 from mvsdi.field import FieldConfig
+from mvsdi.plotting import pyplot, save_figure
 from mvsdi.priors.prompts import PromptConfig
 from mvsdi.rundir import atomic_write_bytes, atomic_write_json, to_uint8
 from mvsdi.schedules import LossWeights, Ramp, Schedules, ShadingSchedule
@@ -291,11 +292,7 @@ def table_csv(table: list[dict[str, Any]]) -> str:
 
 
 def plot_metric_vs_budget(results: list[dict[str, Any]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     guidances = list(dict.fromkeys(r["guidance"] for r in results))
     fig, axes = plt.subplots(len(guidances), len(METRICS), figsize=(4 * len(METRICS), 3.2 * len(guidances)),
                              squeeze=False)
@@ -310,21 +307,13 @@ def plot_metric_vs_budget(results: list[dict[str, Any]], out: Path) -> Path:
             ax.set_title(f"{guidance}: {metric}")
             ax.set_xlabel("budget fraction spent")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "metrics_vs_budget.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "metrics_vs_budget.png", dpi=110)
 
 
 def plot_variance(variance: list[dict[str, Any]], out: Path) -> Path:
     """Variance ratio to K=1 against the fraction of the K=1 run where it was measured (log scale,
     95% intervals as error bars), one panel per guidance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summary = variance_summary(variance)
     guidances = list(dict.fromkeys(v["guidance"] for v in variance))
     fig, axes = plt.subplots(1, len(guidances), figsize=(5 * len(guidances), 3.6), squeeze=False)
@@ -340,11 +329,7 @@ def plot_variance(variance: list[dict[str, Any]], out: Path) -> Path:
         ax.set_title(f"{guidance}: variance per evaluation / K1")
         ax.set_xlabel("fraction of the K=1 run")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "variance_ratio.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "variance_ratio.png", dpi=110)
 
 
 def write_turntables(frames: dict[tuple[str, str], dict[str, np.ndarray]], out: Path, min_side: int = 128) -> list[Path]:
