@@ -125,6 +125,7 @@ def test_a_kill_between_write_and_rename_leaves_the_previous_checkpoint(uninterr
     assert list(partial.glob(".checkpoint.pt.*.tmp")), "the simulated kill should leave the temporary file"
     assert torch.load(partial / "checkpoint.pt", weights_only=True)["counters"]["steps"] == 2
     assert cli.main(["generate", "--resume", str(out), "--no-progress"]) == 0
+    assert not list(out.glob(".*.tmp")), "the killed write's temporary file must not end up in the run"
     _assert_same_weights(out, uninterrupted)
 
 

@@ -107,6 +107,8 @@ class RunDirectory:
     def _resume(self) -> None:
         """Continue in the staging folder: the unfinished one if it has a checkpoint, else a copy of ``final``."""
         if (self.path / CHECKPOINT).is_file():
+            for stray in self.path.glob(".*.tmp"):  # temporary files of a write that a kill cut short
+                stray.unlink()
             return
         if not (self.final / CHECKPOINT).is_file():
             raise RunDirectoryError(f"nothing to resume at {self.final}: neither it nor {self.path} holds a "
