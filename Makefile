@@ -6,7 +6,7 @@ setup:
 
 # Main job on the embedded default: the weights-free ground-truth study, small setting (no download).
 demo: setup
-	.venv/bin/mvsdi testbed --out runs/testbed
+	.venv/bin/mvsdi testbed --out runs/testbed --overwrite
 
 test: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -6,6 +6,8 @@ Runs the real CLI path (config → prior loading through from_pretrained → K-v
 renders) with `--model random-sd21` (no download) for each K, then prints one line per run from
 its summary.json: guidance evaluations/s, UNet calls, peak GPU memory and the projected wall time
 of a 10,000-evaluation run. Training time excludes prior loading and the evaluation renders.
+
+``generate_command`` and ``summary_row`` are also used by ``benchmarks/gpu_record.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,35 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+PROMPT = "a ripe strawberry"
+
+
+def generate_command(k: int, out: Path, *, preset: str = "sdi", budget: int = 40, resolution: int = 512,
+                     samples_per_ray: int = 64, model: str = "random-sd21", device: str = "cuda",
+                     eval_views: int = 2, eval_resolution: int = 64, tensorboard: bool = True) -> list[str]:
+    """The `mvsdi generate` command line of one K (antipodal pairs for even K, as the MV-SDI presets)."""
+    cmd = [sys.executable, "-m", "mvsdi.cli", "generate", PROMPT, "--preset", preset, "--views", str(k),
+           "--sampler", "antipodal" if k % 2 == 0 else "random", "--budget", str(budget), "--model", model,
+           "--resolution", str(resolution), "--samples-per-ray", str(samples_per_ray),
+           "--eval-views", str(eval_views), "--eval-resolution", str(eval_resolution), "--device", device,
+           "--out", str(out), "--overwrite", "--no-progress"]
+    return cmd if tensorboard else [*cmd, "--no-tensorboard"]
+
+
+def summary_row(out: Path) -> dict[str, Any]:
+    """The speed and memory figures of a finished run, from its summary.json."""
+    s = json.loads((Path(out) / "summary.json").read_text())
+    ms = 1000 * s["train_seconds"] / s["guidance_evaluations"]
+    return {
+        "views": s["views_per_step"], "run_status": s["status"], "guidance_evaluations": s["guidance_evaluations"],
+        "train_seconds": s["train_seconds"], "evaluation_seconds": s.get("evaluation_seconds"),
+        "ms_per_evaluation": ms, "unet_calls": s["unet_calls"], "unet_images": s.get("unet_images"),
+        "peak_gpu_memory_gib": s.get("peak_gpu_memory_gib"),
+        "peak_process_memory_gib": s.get("peak_process_memory_gib"),
+        "projected_10k_minutes": ms * 10_000 / 1000 / 60, "device_name": s["device_name"],
+    }
 
 
 def main() -> int:
@@ -26,26 +57,25 @@ def main() -> int:
     p.add_argument("--views", type=int, nargs="+", default=[1, 4])
     p.add_argument("--model", default="random-sd21")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--eval-resolution", type=int, default=64)
+    p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     args = p.parse_args()
     rows = []
     for k in args.views:
         out = args.out / f"k{k}"
-        cmd = [sys.executable, "-m", "mvsdi.cli", "generate", "a ripe strawberry", "--preset", args.preset,
-               "--views", str(k), "--sampler", "antipodal" if k % 2 == 0 else "random", "--budget", str(args.budget),
-               "--model", args.model, "--resolution", str(args.resolution), "--samples-per-ray",
-               str(args.samples_per_ray), "--eval-views", "2", "--eval-resolution", "64", "--device", args.device,
-               "--out", str(out), "--overwrite", "--no-progress"]
+        cmd = generate_command(k, out, preset=args.preset, budget=args.budget, resolution=args.resolution,
+                               samples_per_ray=args.samples_per_ray, model=args.model, device=args.device,
+                               eval_resolution=args.eval_resolution, tensorboard=not args.no_tensorboard)
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        s = json.loads((out / "summary.json").read_text())
-        ms = 1000 * s["train_seconds"] / s["guidance_evaluations"]
-        memory = s.get("peak_gpu_memory_gib", s.get("peak_process_memory_gib"))
-        rows.append((k, ms, s["unet_calls"], memory, ms * 10_000 / 1000 / 60, s["device_name"]))
+        rows.append(summary_row(out))
     print("\n| K | ms / guidance evaluation | UNet calls | peak memory (GiB) | projected 10k run (min) | device |")
     print("|---|---|---|---|---|---|")
-    for k, ms, calls, mem, minutes, dev in rows:
-        print(f"| {k} | {ms:.1f} | {calls} | {mem:.2f} | {minutes:.1f} | {dev} |")
+    for r in rows:
+        memory = r["peak_gpu_memory_gib"] if r["peak_gpu_memory_gib"] is not None else r["peak_process_memory_gib"]
+        print(f"| {r['views']} | {r['ms_per_evaluation']:.1f} | {r['unet_calls']} | {memory:.2f} | "
+              f"{r['projected_10k_minutes']:.1f} | {r['device_name']} |")
     return 0
 
 

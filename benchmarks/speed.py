@@ -109,10 +109,13 @@ def run_steps(distiller: Distiller, n: int) -> None:
 
 
 def measure(config, prior, device: torch.device, n_steps: int) -> dict[str, Any]:
+    began = time.perf_counter()
     distiller = Distiller(config, prior, Model.create(config, device), device)
     evaluations = n_steps * config.views
     run_steps(distiller, n_steps)  # pass 1: warm-up
     synchronize(device)
+    # recorded because a compile or graph capture in the warm-up is paid once per run and per shape
+    warmup_seconds = time.perf_counter() - began
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
@@ -137,6 +140,7 @@ def measure(config, prior, device: torch.device, n_steps: int) -> dict[str, Any]
         "peak_memory_gib": peak / 2**30 if peak is not None else None,
         "peak_above_start_gib": (peak - baseline) / 2**30 if peak is not None else None,
         "projected_10k_minutes": total_ms * RUN_BUDGET / 60_000,
+        "warmup_seconds": warmup_seconds, "measure_seconds": time.perf_counter() - began,
     }
 
 

@@ -47,3 +47,23 @@ def tiny_clip(tmp_path_factory):
     CLIPModel(config).save_pretrained(folder)
     CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def float64():
+    """Reference computations in float64: the default dtype (cameras, fields, prompt embeddings) for
+    the test's duration. Two computations that differ only in the order of float operations (a batch
+    of K vs K batches of one) then agree to ~1e-12 relative, far below any real difference, so no
+    CPU's or thread count's float32 rounding can decide the test."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_prior64(tiny_sd_folder):
+    """The tiny SD stack loaded in float64 (UNet, VAE, text encoder)."""
+    from mvsdi.priors.stable_diffusion import StableDiffusionPrior
+
+    return StableDiffusionPrior(str(tiny_sd_folder), device="cpu", dtype=torch.float64)

@@ -7,6 +7,8 @@ import math
 import shutil
 import socket
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 
 from mvsdi.bench import aggregate as agg
@@ -67,6 +69,11 @@ def test_end_to_end_tables_plots_and_gallery(bench):
     assert (out / "plots" / "metrics.png").stat().st_size > 0 and (out / "plots" / "per_prompt.png").stat().st_size > 0
     gallery = (out / "gallery.html").read_text()
     assert gallery.count("<video") == 4 and 'src="mvsds-k2/duck/s0/turntable.mp4"' in gallery
+    assert 'poster="posters/mvsds-k2/duck/s0.png"' in gallery  # shown before (or without) playback
+    first = iio.imread(out / "mvsds-k2" / "duck" / "s0" / "turntable.mp4", index=0)
+    assert iio.imread(out / "posters" / "mvsds-k2" / "duck" / "s0.png").shape == first.shape
+    psnr = json.loads((out / "mvsds-k2" / "duck" / "s0" / "bench_metrics.json").read_text())["metrics"]["psnr"]
+    assert gallery.count("<div class=metrics>psnr ") == 4 and f"psnr {psnr:.3g} · iou" in gallery
     assert "Paired differences against sds" in (out / "summary.md").read_text()
 
 
@@ -216,6 +223,18 @@ def test_summary_means_intervals_and_divergence_rate():
     assert (b["divergence_rate"], b["peak_memory_gib"], b["unet_calls"]) == (0.5, 3.0, 20)
 
 
+def test_error_bars_stop_at_the_metric_s_range():
+    """An IoU of 0.4 ± 1.1 over 2 cells was drawn from −0.7 to 1.5; the bars end at 0 and 1."""
+    from mvsdi.bench.plots import clipped_error_bars, metric_range
+
+    assert metric_range("iou", ideal=True) == (0.0, 1.0) and metric_range("psnr", ideal=True) == (0.0, None)
+    assert metric_range("clip_iqa_quality", ideal=False) == (0.0, 1.0) and metric_range("janus", ideal=False) == (-1, 1)
+    assert metric_range("image_reward", ideal=False) == (None, None)
+    bars = clipped_error_bars([0.4, 0.5, 30.0], [1.1, math.nan, 40.0], (0.0, 1.0))
+    assert np.allclose(bars, [[0.4, 0.0, 30.0], [0.6, 0.0, 0.0]], rtol=0, atol=1e-12)  # [below, above]; nan: none
+    assert np.allclose(clipped_error_bars([30.0], [40.0], (0.0, None)), [[30.0], [40.0]], rtol=0, atol=1e-12)
+
+
 def test_paired_differences_use_only_pairs_where_neither_diverged():
     rows = [row("a", "p1", psnr=1.0), row("a", "p2", psnr=2.0), row("a", "p3", status="diverged", psnr=0.0),
             row("a", "p4", psnr=4.0),
@@ -252,6 +271,7 @@ def test_bad_inputs_exit_2_with_the_reason(tmp_path, capsys):
     assert "testbed scene" in bench_error(["--prompts", str(prompt_file(tmp_path, "a cat", name="cat.txt")), *TINY, *out],
                                           capsys)
     assert "K=4" in bench_error(["--presets", "sds,mvsds-k4", "--prompts", mug, *TINY, *out], capsys)
+    assert "each once" in bench_error(["--prompts", mug, "--seeds", "0,1,1", *TINY, *out], capsys)
     assert "no readable bench.json" in bench_error(["--aggregate-only", str(tmp_path)], capsys)
     assert not (tmp_path / "out").exists()  # nothing was written for a bad command
 

@@ -44,6 +44,11 @@ def test_generate_writes_a_complete_run_directory(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["guidance_evaluations"] == 8
     assert summary["unet_calls"] >= 8 and summary["steps"] == 4
+    # validation renders beside the TensorBoard copy: every step here (4 steps < 10 validations),
+    # min(4, eval views) views each, RGB | normals at min(64, eval resolution)
+    validation = sorted(p.name for p in (finished_run / "validation").iterdir())
+    assert validation == [f"{spent}_view{i}.png" for spent in (2, 4, 6, 8) for i in range(4)]
+    assert iio.imread(finished_run / "validation" / "8_view0.png").shape == (16, 32, 3)
     assert not any(p.name.startswith(".") for p in finished_run.parent.iterdir())  # no staging left behind
 
 
@@ -70,12 +75,16 @@ def test_overwrite_replaces_the_run_only_when_the_new_one_completes(tmp_path, ca
     (["generate", "", "--budget", "4"], "prompt is empty"),
     (["generate", "   ", "--budget", "4"], "prompt is empty"),
     (["generate", "a cat", "--views", "0", "--sampler", "random"], ">= 1"),
-    (["generate", "a cat", "--views", "3"], "cannot make K=3"),
+    (["generate", "a cat", "--views", "3", "--sampler", "mixed"], "cannot make K=3"),
     (["generate", "a cat", "--views", "2", "--sampler", "octahedral"], "K = 6"),
     (["generate", "a cat", "--views", "4", "--budget", "2"], "smaller than K=4"),
     (["generate", "a cat", "--views", "4", "--budget", "10"], "not a multiple of K=4: use 8 or 12"),
     (["generate", "a cat", "--preset", "dreamfusion"], "unknown preset 'dreamfusion'"),
-    (["generate", "a cat", "--resolution", "0"], "resolution must be >= 1"),
+    (["generate", "a cat", "--resolution", "0"], "resolution must be >= 8"),
+    (["generate", "a cat", "--resolution", "7"], "resolution must be >= 8"),
+    (["generate", "a cat", "--eval-resolution", "1"], "eval_resolution must be >= 8"),
+    (["generate", "a cat", "--device", "tpu"], "unknown device 'tpu'"),
+    (["generate", "a cat", "--device", "cuda:x"], "unknown device 'cuda:x'"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(args, message, tmp_path, capsys):
     out = tmp_path / "never"

@@ -26,3 +26,12 @@ def test_unknown_guidance_kind_in_a_config_file_is_refused():
     data["guidance"]["kind"] = "vsd"
     with pytest.raises(ValueError, match="unknown guidance kind"):
         RunConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("field", ["resolution", "eval_resolution"])
+def test_renders_smaller_than_8_pixels_are_refused_with_the_smallest_valid_size(field):
+    for bad in (0, 1, 7):
+        with pytest.raises(ValueError, match=rf"{field} must be >= 8 pixels a side, got {bad}: .*convexity"):
+            preset("sdi", "x", **{field: bad})
+    for good in (8, 12, 33):  # not only multiples of 8: the prior resizes every render to its own input
+        assert getattr(preset("sdi", "x", **{field: good}), field) == good

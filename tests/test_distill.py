@@ -9,7 +9,7 @@ from mvsdi.distill import Distiller, Model, seeded_generator, view_losses
 from mvsdi.field import FieldConfig
 from mvsdi.guidance import guidance_loss, guidance_target, sdi_unet_calls, timestep
 from mvsdi.priors.stable_diffusion import StableDiffusionPrior
-from mvsdi.render import render
+from mvsdi.render import DENSE, render
 from mvsdi.variance import flat_gradient
 from mvsdi.schedules import Schedules, ShadingSchedule, fraction_spent
 
@@ -30,9 +30,15 @@ def small(name, **kw):
 
 
 @pytest.mark.parametrize("name", ["mvsdi-k4", "mvsds-k2"])
-def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(prior, name):
-    """Distiller.step (view by view, loss/K, backward each) == one batched forward of the mean loss."""
-    config = small(name, budget=8, perturb_samples=False,
+def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(tiny_sd_prior64, float64, name):
+    """Distiller.step (view by view, loss/K, backward each) == one batched forward of the mean loss.
+
+    In float64: the two differ only in how the prior's kernels batch (K calls of one vs one of K),
+    which SDI's inversion amplifies; a float32 tolerance here passed on one CPU and failed on another.
+    """
+    prior = tiny_sd_prior64
+    # the dense renderer: the reference below is a hand-written dense render of the same views
+    config = small(name, budget=8, perturb_samples=False, render=DENSE,
                    schedules=Schedules(shading=ShadingSchedule(ambient_only_until=1.0)))
     torch.manual_seed(0)
     distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
@@ -60,8 +66,9 @@ def test_accumulated_views_equal_the_gradient_of_the_batched_mean_loss(prior, na
     terms = view_losses(out, cameras, weights, guidance_loss(config.guidance, latents, target))
     (sum(terms.values()) / config.views).backward()
     batched = flat_gradient(reference)
-    assert accumulated.abs().max() > 0
-    assert torch.allclose(accumulated, batched, rtol=1e-4, atol=1e-7 + 1e-4 * batched.abs().max().item())
+    assert accumulated.dtype == torch.float64 and accumulated.abs().max() > 0
+    # float64 rounding amplified by the inversion stays many orders below 1e-8 of the largest entry
+    assert (accumulated - batched).abs().max() <= 1e-8 * batched.abs().max()
 
 
 def test_unet_calls_follow_the_t_schedule_and_evaluations_the_budget(prior):

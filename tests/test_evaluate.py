@@ -176,7 +176,7 @@ def openclip_state_dict(width=32, layers=2, patch=8, grid=4, text_width=32, voca
 def reference_blocks(x, sd, prefix, heads, causal):
     """OpenCLIP's residual attention blocks written out with torch's packed-qkv attention ([B, L, W])."""
     width, length = x.shape[-1], x.shape[1]
-    mask = torch.full((length, length), float("-inf")).triu(1) if causal else None
+    mask = torch.full((length, length), float("-inf"), dtype=x.dtype).triu(1) if causal else None
     i = 0
     while f"{prefix}transformer.resblocks.{i}.ln_1.weight" in sd:
         p = f"{prefix}transformer.resblocks.{i}."
@@ -213,14 +213,16 @@ def test_openclip_checkpoint_converts_to_clipmodel_with_identical_embeddings():
     sd = openclip_state_dict()
     model = cm.load_openclip_checkpoint(sd, vision_heads=4, text_heads=2)
     assert model.config.vision_config.image_size == 32 and model.config.projection_dim == 24
-    pixels = torch.randn(2, 3, 32, 32)
+    # float64 on both sides: the two compute attention in different orders of operations
+    model, sd = model.double(), {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     eot = 49  # the end-of-text token is the vocabulary's last id, as in CLIP's BPE
     ids = torch.tensor([[0, 5, 7, eot] + [0] * 12, [0, 9, 3, 11, 2, eot] + [0] * 10])
     with torch.no_grad():
         ours_image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
         ours_text = model.text_projection(model.text_model(input_ids=ids).pooler_output)
-        assert torch.allclose(ours_image, reference_image(sd, pixels, heads=4), atol=1e-4)
-        assert torch.allclose(ours_text, reference_text(sd, ids, heads=2), atol=1e-4)
+        assert torch.allclose(ours_image, reference_image(sd, pixels, heads=4), rtol=1e-9, atol=1e-9)
+        assert torch.allclose(ours_text, reference_text(sd, ids, heads=2), rtol=1e-9, atol=1e-9)
     assert model.logit_scale.item() == pytest.approx(4.6052)
 
 

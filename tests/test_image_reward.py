@@ -163,11 +163,13 @@ def test_converted_checkpoint_gives_the_reference_reward(tokenizer_folder):
                                                            padding="max_length", max_length=ir.MAX_TEXT_TOKENS,
                                                            return_tensors="pt")
     assert tokens.input_ids[0, 0] == bert_vocab()["[CLS]"]  # the ImageReward scorer keeps [CLS] first
-    pixels = torch.randn(2, 3, 32, 32)
+    # float64 on both sides: the two compute attention in different orders of operations
+    model, sd = model.double(), {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         ours = model(pixels, tokens.input_ids, tokens.attention_mask)
     expected = reference_reward(sd, pixels, tokens.input_ids, tokens.attention_mask)
-    assert torch.allclose(ours, expected, atol=1e-4), (ours, expected)
+    assert torch.allclose(ours, expected, rtol=1e-9, atol=1e-9), (ours, expected)
     assert (ours[0] - ours[1]).abs() > 1e-3  # text and image reach the reward: the two pairs differ
 
 

@@ -69,10 +69,15 @@ def _interrupt_after(monkeypatch, steps, presses=1):
     monkeypatch.setattr(Distiller, "step", step)
 
 
-def test_ctrl_c_once_saves_and_resume_ends_where_an_uninterrupted_run_ends(uninterrupted, tmp_path, monkeypatch):
+def test_ctrl_c_once_saves_and_resume_ends_where_an_uninterrupted_run_ends(uninterrupted, tmp_path, monkeypatch,
+                                                                          capsys):
     out = tmp_path / "run"
     _interrupt_after(monkeypatch, 2)
-    assert _generate(out) == 0
+    # not 0: `generate && export` must not carry on with an unfinished run
+    assert _generate(out) == 130
+    err = capsys.readouterr().err
+    assert "keeping the checkpoint of step 1" in err  # the first press says what a second would keep
+    assert "stopped after 2 of 4 steps" in err and f"--resume {out}" in err
     summary = _summary(out)
     assert summary["status"] == "interrupted" and summary["steps"] == 2
     assert len(list((out / "renders").glob("[0-9]*.png"))) == 2  # outputs of the current state
@@ -93,7 +98,9 @@ def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_checkpoint(uninterrupted,
     assert not out.exists()
     partial = tmp_path / ".run.partial"
     assert torch.load(partial / "checkpoint.pt", weights_only=True)["counters"]["steps"] == 2
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "keeping the checkpoint of step 2" in err and f"unfinished run is kept at {partial}" in err
+    assert f"--resume {out}" in err
     monkeypatch.undo()
 
     # a new run does not silently delete the unfinished one
@@ -102,6 +109,30 @@ def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_checkpoint(uninterrupted,
     assert cli.main(["generate", "--resume", str(out), "--no-progress"]) == 0
     assert not partial.exists()
     _assert_same_weights(out, uninterrupted)
+
+
+def test_two_quick_ctrl_cs_before_the_first_checkpoint_still_keep_the_run(uninterrupted, tmp_path, monkeypatch,
+                                                                          capsys):
+    """No checkpoint is due before the end: the second press waits for the one the stop saves."""
+    out = tmp_path / "run"
+    _interrupt_after(monkeypatch, 2, presses=2)
+    assert _generate(out, "--checkpoint-every", "100") == 130
+    err = capsys.readouterr().err
+    assert "no checkpoint yet" in err and "first checkpoint" in err and f"--resume {out}" in err
+    assert _summary(out)["status"] == "interrupted"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["counters"]["steps"] == 2
+    monkeypatch.undo()
+    assert cli.main(["generate", "--resume", str(out), "--no-progress"]) == 0
+    _assert_same_weights(out, uninterrupted)  # the steps before the presses were not lost
+
+
+def test_a_third_ctrl_c_before_the_first_checkpoint_stops_at_once_and_says_nothing_was_kept(
+        tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupt_after(monkeypatch, 2, presses=3)
+    assert _generate(out, "--checkpoint-every", "100") == 130
+    assert "nothing was kept" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / ".run.partial").exists()
 
 
 def test_a_kill_between_write_and_rename_leaves_the_previous_checkpoint(uninterrupted, tmp_path):
@@ -132,7 +163,7 @@ def test_a_kill_between_write_and_rename_leaves_the_previous_checkpoint(uninterr
 def test_resume_refuses_a_different_config_or_version_unless_forced(uninterrupted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     _interrupt_after(monkeypatch, 1)
-    assert _generate(out) == 0
+    assert _generate(out) == 130  # saved as "interrupted"
     monkeypatch.undo()
     before = (out / "checkpoint.pt").read_bytes()
     assert cli.main(["generate", "--resume", str(out), "--budget", "16", "--no-progress"]) == 2
@@ -140,6 +171,10 @@ def test_resume_refuses_a_different_config_or_version_unless_forced(uninterrupte
     monkeypatch.setattr("mvsdi.__version__", "99.0.0")
     assert cli.main(["generate", "--resume", str(out), "--no-progress"]) == 2
     assert "mvsdi version" in capsys.readouterr().err
+    monkeypatch.undo()
+    # a device the machine lacks (the run was made on another?) is refused before anything is staged
+    assert cli.main(["generate", "--resume", str(out), "--device", "tpu", "--no-progress"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before and not (tmp_path / ".run.partial").exists()
     assert cli.main(["generate", "--resume", str(out), "--force", "--no-progress"]) == 0
     assert _summary(out)["status"] == "completed"

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -53,6 +55,19 @@ def test_the_ratio_interval_is_paired_over_repeats():
     assert l3 < 9.0 < h3 and h3 / l3 > 1.5 and s3 > 0.1
     with pytest.raises(ValueError, match="same number of repeats"):
         ratio_intervals([grams[0], grams[0][:3, :3]], [1, 1])
+
+
+def test_two_repeats_give_no_interval_rather_than_a_zero_width_or_random_one():
+    """With R = 2 the only resample of two distinct draws is the sample itself: the bootstrap
+    returned nan or a zero-width interval depending on the draw of resamples."""
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(3)).double()
+    grams = [(v @ v.T).numpy() for v in (x, 3 * x.flip(0))]
+    for seed in range(4):
+        assert all(math.isnan(v) for row in ratio_intervals(grams, [1, 2], seed=seed) for v in row)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(3, 4, generator=g).double(), torch.randn(3, 4, generator=g).double()
+    low, high, log_se = ratio_intervals([(v @ v.T).numpy() for v in (a, b)], [1, 1])[1]
+    assert low < high and log_se > 0  # from R = 3 on there is an interval
 
 
 @pytest.fixture(scope="module")

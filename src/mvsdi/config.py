@@ -16,10 +16,18 @@ from mvsdi.field import FieldConfig
 from mvsdi.guidance import GuidanceConfig, SDIConfig, SDSConfig
 from mvsdi.priors.prompts import PromptConfig
 from mvsdi.priors.stable_diffusion import DEFAULT_MODEL, FAST_UNET_MODES
+from mvsdi.render import RenderConfig
 from mvsdi.schedules import LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule, steps_for_budget
 
 DEFAULT_BUDGET = 10_000
 VIEW_BATCHING = ("auto", "batched", "sequential")
+# Renders smaller than 8 pixels a side run but carry no shape: the convexity regulariser compares
+# neighbouring normals on an 8x8 grid of each render, and the testbed's ideal prior needs 8 too.
+# No multiple of 8 is needed: every prior resizes a render to its own input size before the VAE.
+MIN_RESOLUTION = 8
+RESOLUTION_REASON = ("smaller renders hold no shape to judge (the convexity regulariser compares neighbouring "
+                     "normals on an 8x8 grid of each render). Any size from 8 up works, not only multiples of 8: "
+                     "the prior resizes renders to its own input size (512 for Stable Diffusion 2.1)")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class RunConfig:
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     schedules: Schedules = dataclasses.field(default_factory=Schedules)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    # empty-space skipping and early ray termination (the reference's); render.DENSE renders every sample
+    render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
     # K>1: "batched" = one prior pass for a step's K targets, "sequential" = one per view,
     # "auto" = batched on CUDA only (the same gradient up to float rounding; see docs/performance.md)
@@ -71,10 +81,13 @@ class RunConfig:
             raise ValueError(f"view_batching must be one of {', '.join(VIEW_BATCHING)}, got {self.view_batching!r}")
         if self.fast_unet not in FAST_UNET_MODES:
             raise ValueError(f"fast_unet must be one of {', '.join(FAST_UNET_MODES)}, got {self.fast_unet!r}")
-        for name in ("resolution", "samples_per_ray", "eval_views", "eval_resolution", "checkpoint_every",
-                     "max_consecutive_skips", "max_rollbacks"):
+        for name in ("samples_per_ray", "eval_views", "checkpoint_every", "max_consecutive_skips", "max_rollbacks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("resolution", "eval_resolution"):
+            if getattr(self, name) < MIN_RESOLUTION:
+                raise ValueError(f"{name} must be >= {MIN_RESOLUTION} pixels a side, got {getattr(self, name)}: "
+                                 f"{RESOLUTION_REASON}")
 
     @property
     def steps(self) -> int:
@@ -127,7 +140,8 @@ def preset(name: str, prompt: str, **overrides: Any) -> RunConfig:
 # --------------------------------------------------------------------------------------------
 # reading a config back from JSON
 
-_NESTED = {"prompts": PromptConfig, "cameras": CameraRanges, "field": FieldConfig, "optim": OptimConfig}
+_NESTED = {"prompts": PromptConfig, "cameras": CameraRanges, "field": FieldConfig, "optim": OptimConfig,
+           "render": RenderConfig}
 _SCHEDULES = {"levels": LevelSchedule, "shading": ShadingSchedule, "weights": LossWeights}
 
 

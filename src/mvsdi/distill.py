@@ -28,6 +28,7 @@ from mvsdi.guidance import guidance_loss, guidance_target, timestep
 from mvsdi.priors.base import DiffusionPrior
 from mvsdi.priors.prompts import PromptConditioning
 from mvsdi.regularisers import convexity, opacity_entropy, sparsity
+from mvsdi.occupancy import OccupancyGrid, density_function, density_threshold_for
 from mvsdi.render import RenderOutput, render
 from mvsdi.schedules import fraction_spent
 
@@ -142,6 +143,9 @@ class Distiller:
     optimizer: torch.optim.Optimizer = field(init=False)
     conditioning: PromptConditioning = field(init=False)
     counters: Counters = field(default_factory=Counters)
+    # the training renders' occupancy grid (``config.render``); built and updated by ``step``
+    occupancy: OccupancyGrid | None = field(default=None, init=False)
+    _render_tally: list[float] = field(default_factory=lambda: [0.0, 0.0], init=False)  # samples/ray sum, views
 
     def __post_init__(self) -> None:
         self.optimizer = self.model.optimizer(self.config)
@@ -153,9 +157,60 @@ class Distiller:
     def render_view(self, camera: Cameras, shading: str, generator: torch.Generator,
                     weights: dict[str, float]) -> RenderOutput:
         c = self.config
-        return render(self.model.field, self.model.background, camera, c.resolution, c.resolution,
-                      n_samples=c.samples_per_ray, shading=shading, perturb=c.perturb_samples,
-                      generator=generator, need_normals=self.needs_normals(weights, shading))
+        out = render(self.model.field, self.model.background, camera, c.resolution, c.resolution,
+                     n_samples=c.samples_per_ray, shading=shading, perturb=c.perturb_samples,
+                     generator=generator, need_normals=self.needs_normals(weights, shading),
+                     **self._skipping(self.training_grid()))
+        if torch.is_grad_enabled():  # the renders that backward; a batched step's pre-renders are not counted
+            self._render_tally[0] += out.stats["samples_per_ray"]
+            self._render_tally[1] += 1
+        return out
+
+    # -- the occupancy grid ------------------------------------------------------------------------
+
+    def _new_grid(self) -> OccupancyGrid | None:
+        c, r = self.config, self.config.render
+        if not r.occupancy_grid:
+            return None
+        threshold = density_threshold_for(r.alpha_threshold, c.samples_per_ray, c.field.bound)
+        return OccupancyGrid(r.grid_resolution, c.field.bound, threshold, r.grid_decay, self.device)
+
+    def _grid_period(self, fraction: float) -> int:
+        """Refresh periods elapsed at budget ``fraction``: the same for every K at the same fraction."""
+        return round(fraction * self.config.budget) // self.config.render.grid_refresh_every
+
+    def training_grid(self) -> OccupancyGrid | None:
+        """The run's grid, initialised from the current field on first use (None: dense renders)."""
+        if self.occupancy is None:
+            self.occupancy = self._new_grid()
+        if self.occupancy is not None and not self.occupancy.ready:
+            fraction = fraction_spent(self.counters.steps, self.config.views, self.config.budget)
+            self.occupancy.initialise(density_function(self.model.field), self._grid_period(fraction))
+        return self.occupancy
+
+    def update_occupancy(self, fraction: float) -> None:
+        """Before the step at ``fraction``: initialise the grid, or refresh it when a refresh period
+        has begun since its last update. The jitter is keyed by the period, not the step, so runs
+        with another K draw the same points at the same budget fraction."""
+        c = self.config
+        if not c.render.occupancy_grid:
+            return
+        self.model.field.set_active_levels(c.schedules.levels(fraction, c.field.n_levels))  # what the step renders
+        grid, period = self.training_grid(), self._grid_period(fraction)
+        if period > grid.period:
+            jitter = seeded_generator("cpu", c.seed, OCCUPANCY_STREAM, period)
+            grid.refresh(density_function(self.model.field), period, jitter)
+
+    def _skipping(self, grid: OccupancyGrid | None) -> dict[str, Any]:
+        r = self.config.render
+        return {"occupancy": grid, "alpha_threshold": r.alpha_threshold,
+                "transmittance_threshold": r.transmittance_threshold, "chunk_samples": r.chunk_samples}
+
+    def _load_grid(self, state: dict[str, Any] | None) -> None:
+        """The grid of a snapshot (a snapshot taken before the first step has none: rebuilt on use)."""
+        self.occupancy = self._new_grid()
+        if self.occupancy is not None:
+            self.occupancy.load_state_dict(state)
 
     def accumulate_gradients(self, fraction: float, key: tuple[int, ...]) -> dict[str, Any]:
         """Sample K views and backward each view's loss / K into the parameters' ``.grad``.
@@ -250,6 +305,8 @@ class Distiller:
         c, step = self.config, self.counters.steps
         fraction = fraction_spent(step, c.views, c.budget)
         calls_before = self.prior.counters.calls
+        self.update_occupancy(fraction)
+        self._render_tally = [0.0, 0.0]
         result = self.accumulate_gradients(fraction, self.step_key(step))
         loss = sum(result["terms"].values())
         grad_norm = self.model.gradient_norm()
@@ -271,16 +328,25 @@ class Distiller:
             "unet_images": self.prior.counters.images,
             "lr": self.optimizer.param_groups[0]["lr"], "levels": self.model.field.active_levels,
             "shading": result["shading"], "grad_norm": grad_norm, "skipped": skipped,
+            # field evaluations per ray of the step's renders with a graph (mean over the K views)
+            "samples_per_ray_evaluated": self._render_tally[0] / max(self._render_tally[1], 1.0),
         }
 
     @torch.no_grad()
     def evaluation_renders(self, n: int | None = None, resolution: int | None = None) -> list[RenderOutput]:
-        """The evaluation views (evenly spaced azimuths, elevation 15°, distance 2, fovy 70°), albedo."""
+        """The evaluation views (evenly spaced azimuths, elevation 15°, distance 2, fovy 70°), albedo.
+
+        They skip empty space with the training grid; before the first step they use a grid built
+        from the field for them alone, so rendering changes no state of the run.
+        """
         c = self.config
         cams = evaluation_cameras(n or c.eval_views)
         res = resolution or c.eval_resolution
+        grid = self.occupancy if self.occupancy is not None and self.occupancy.ready else self._new_grid()
+        if grid is not None and not grid.ready:
+            grid.initialise(density_function(self.model.field))
         return [render(self.model.field, self.model.background, cams[i].to(self.device), res, res,
-                       n_samples=c.samples_per_ray, shading="albedo", need_normals=True)
+                       n_samples=c.samples_per_ray, shading="albedo", need_normals=True, **self._skipping(grid))
                 for i in range(len(cams))]
 
     def snapshot(self) -> dict[str, Any]:
@@ -292,6 +358,7 @@ class Distiller:
             "counters": vars(self.counters).copy(),
             "prior_counters": {"calls": self.prior.counters.calls, "images": self.prior.counters.images},
             "rng": rng_state(), "config": self.config.to_dict(), "mvsdi_version": mvsdi.__version__,
+            "occupancy": self.occupancy.state_dict() if self.occupancy is not None else None,
         })
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -302,6 +369,7 @@ class Distiller:
         self.prior.counters.calls = state["prior_counters"]["calls"]
         self.prior.counters.images = state["prior_counters"]["images"]
         set_rng_state(state["rng"])
+        self._load_grid(state.get("occupancy"))
 
     def roll_back(self, good: dict[str, Any], count: bool = True) -> None:
         """Return the field and Adam to the state ``good``; spent evaluations and skip counts are kept."""
@@ -310,10 +378,13 @@ class Distiller:
         self.optimizer.load_state_dict(good["optimizer"])
         self.counters = Counters(guidance_evaluations=spent.guidance_evaluations, steps=good["counters"]["steps"],
                                  skipped_steps=spent.skipped_steps, rollbacks=spent.rollbacks + int(count))
+        self._load_grid(good.get("occupancy"))
 
 
 # rollbacks draw from generators keyed (seed, step, ROLLBACK_STREAM, n): a key no plain step can have
 ROLLBACK_STREAM = 2**31
+# the occupancy grid's refresh jitter draws from generators keyed (seed, OCCUPANCY_STREAM, period)
+OCCUPANCY_STREAM = 2**31 + 1
 
 
 @dataclass

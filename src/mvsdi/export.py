@@ -2,8 +2,10 @@
 
 Meshes: the density is sampled on a grid over the field's cube, marching cubes extracts the level
 set at the *surface density* (see ``surface_density``), the albedo at the vertices gives the vertex
-colours. Files are written y-up with the object's front towards +z (the glTF convention, and the
-default of most importers); the field's own world is z-up with the front towards +x.
+colours. A field without a surface is caught on a coarse grid first (seconds, not the minutes of a
+fine one), and the error names a threshold that would mesh it. Files are written y-up with the
+object's front towards +z (the glTF convention, and the default of most importers); the field's
+own world is z-up with the front towards +x.
 
 Turntables: RGB | normals | depth side by side, on the evaluation orbit.
 
@@ -32,6 +34,9 @@ DEFAULT_VIDEO_RESOLUTION = 256
 DEFAULT_FRAMES = 60
 DEFAULT_FPS = 25
 DEFAULT_MIN_COMPONENT = 0.01
+# A field with no surface shows it on a coarse grid first: 64³ took 6 s on a 2-core CPU where 256³
+# took 189 s to find the same "no surface" (a barely trained run).
+COARSE_RESOLUTION = 64
 POINTS_PER_CHUNK = 2 ** 16  # field evaluations per call: ~0.2 GB of hash-grid intermediates on CPU
 
 
@@ -97,12 +102,7 @@ def extract_surface(density: np.ndarray, threshold: float, bound: float) -> tupl
     """
     from skimage.measure import marching_cubes
 
-    peak = float(density.max()) if density.size else 0.0
-    if not peak > threshold:
-        raise EmptyMeshError(
-            f"the field has no surface: its densest point ({peak:.3g}) does not exceed the surface density {threshold:.3g} "
-            "(where one render sample absorbs half the light). The run has not formed an opaque object (too short a "
-            "budget, or it collapsed); train longer, or pass a lower --threshold to mesh the fog.")
+    require_surface(density, threshold)
     floor = threshold * 1e-6  # far below the level, so it never moves a vertex; keeps log(0) finite
     log_density = np.pad(np.log(np.maximum(density, floor)), 1, mode="constant", constant_values=math.log(floor))
     spacing = 2.0 * bound / (density.shape[0] - 1)
@@ -110,6 +110,25 @@ def extract_surface(density: np.ndarray, threshold: float, bound: float) -> tupl
     vertices, faces, _, _ = marching_cubes(log_density, level=math.log(threshold), spacing=(spacing,) * 3,
                                            gradient_direction="ascent")
     return vertices - (bound + spacing), faces
+
+
+def require_surface(density: np.ndarray, threshold: float) -> None:
+    """EmptyMeshError, saying what to do, unless some grid sample is denser than ``threshold``."""
+    peak = float(density.max()) if density.size else 0.0
+    if peak > threshold:
+        return
+    found = (f"the field has no surface: its densest point on a {density.shape[0]}³ grid has density {peak:.3g}, "
+             f"not above the threshold {threshold:.3g} (--threshold; 'auto' is the density at which one render "
+             "sample absorbs half the light). ")
+    if not math.isfinite(peak):
+        raise EmptyMeshError(found + "The density is not finite: the run diverged; train it again.")
+    if peak <= 0:
+        raise EmptyMeshError(found + "The field is empty everywhere, so no threshold gives a surface: the run "
+                             "collapsed or never formed an object; train it again, or longer.")
+    # half the peak: the samples above it form a closed level set around the densest region
+    raise EmptyMeshError(found + "The run has not formed an opaque object (too short a budget, or it collapsed): "
+                         f"train longer, or mesh its densest region with e.g. --threshold {peak / 2:.3g} "
+                         "(half the densest point).")
 
 
 def drop_small_components(mesh, min_fraction: float):
@@ -136,6 +155,11 @@ def field_mesh(field: nn.Module, resolution: int, threshold: float, device: torc
     import trimesh
 
     bound = float(field.cfg.bound)
+    if resolution > COARSE_RESOLUTION:
+        # seconds instead of minutes for the common failure. A coarse grid could in principle miss a
+        # feature thinner than its voxel (2·bound / 63) that a fine one catches; a field that is
+        # opaque anywhere has a dense core wider than that.
+        require_surface(sample_density(field, COARSE_RESOLUTION, device), threshold)
     vertices, faces = extract_surface(sample_density(field, resolution, device), threshold, bound)
     colours = np.concatenate([albedo_at(field, vertices, device), np.ones((len(vertices), 1), np.float32)], 1)
     # process=True merges coincident vertices: a grid sample exactly at the level puts one vertex on

@@ -2,7 +2,8 @@
 
 A run is staged (see ``RunDirectory``) and survives what real runs meet: Ctrl-C once saves a
 checkpoint and writes the outputs of the current state (twice stops at once, keeping the last
-checkpoint); ``resume`` continues a stopped or killed run and ends where an uninterrupted run ends;
+checkpoint; before the first one, a second press waits for it: see ``StopOnInterrupt``);
+``resume`` continues a stopped or killed run and ends where an uninterrupted run ends;
 non-finite steps are skipped and, past a limit, rolled back (see ``distill.train``).
 """
 
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,8 +25,8 @@ import mvsdi
 from mvsdi.config import RunConfig
 from mvsdi.distill import Distiller, Model, TrainResult, train
 from mvsdi.priors.loading import load_prior, resolve_device
-from mvsdi.export import images_on_cpu, normal_image, turntable_panels, write_video
-from mvsdi.rundir import TURNTABLE, RunDirectory, RunDirectoryError, read_checkpoint
+from mvsdi.export import normal_image, turntable_panels, write_video
+from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, read_checkpoint
 from mvsdi.tracking import Tracker, check_wandb_available
 
 VALIDATIONS_PER_RUN = 10  # validation renders (TensorBoard images, collapse check) per run
@@ -69,17 +70,29 @@ class Progress:
                         dynamic_ncols=True)
 
     def __call__(self, record: dict[str, Any]) -> None:
-        self.bar.update(max(0, record["guidance_evaluations"] - self.bar.n))
+        # postfix first, so the line drawn by update shows this step's values, not the previous step's
         self.bar.set_postfix(t=min(record["t"]), loss=f"{record['loss']:.4g}", unet=record["unet_calls"], refresh=False)
+        done = record["guidance_evaluations"]
+        if done >= self.bar.total:
+            self.bar.n = done  # no draw: close() draws the final line, and drawing it here too showed "100%" twice
+        else:
+            self.bar.update(max(0, done - self.bar.n))
 
     def close(self) -> None:
         self.bar.close()
 
 
 class StopOnInterrupt:
-    """Ctrl-C once: ask the loop to stop after the current step. Twice: raise KeyboardInterrupt now."""
+    """Ctrl-C once: ask the loop to stop after the current step (it then saves a checkpoint, and the
+    outputs are written). Twice: raise KeyboardInterrupt now, keeping the last checkpoint; while the
+    run has none yet, the second press only says so and the stop goes on (two quick presses must not
+    lose the run), and a third stops at once, keeping nothing.
 
-    def __init__(self) -> None:
+    ``checkpoint_step()``: the step of the run's last saved checkpoint, None while there is none.
+    """
+
+    def __init__(self, checkpoint_step: Callable[[], int | None] = lambda: None) -> None:
+        self.checkpoint_step = checkpoint_step
         self.presses = 0
         self.previous = None
 
@@ -90,10 +103,17 @@ class StopOnInterrupt:
 
     def _handle(self, signum, frame) -> None:
         self.presses += 1
-        if self.presses > 1:
+        saved = self.checkpoint_step()
+        if self.presses == 1:
+            again = (f"Ctrl-C again to stop at once, keeping the checkpoint of step {saved}" if saved is not None
+                     else "no checkpoint yet: a second Ctrl-C waits for the one this stop saves")
+            print(f"\nmvsdi: stopping after this step: saving a checkpoint, then the outputs of the current state "
+                  f"({again})", file=sys.stderr)
+        elif saved is None and self.presses == 2:
+            print("\nmvsdi: still finishing this step to save the run's first checkpoint; Ctrl-C once more to "
+                  "stop at once and keep nothing", file=sys.stderr)
+        else:
             raise KeyboardInterrupt
-        print("\nmvsdi: stopping after this step: saving a checkpoint and the outputs of the current state "
-              "(Ctrl-C again to stop at once)", file=sys.stderr)
 
     def requested(self) -> bool:
         return self.presses > 0
@@ -101,6 +121,17 @@ class StopOnInterrupt:
     def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+class CheckpointWriter:
+    """``train``'s ``on_checkpoint``: saves to the run and remembers the step of the last checkpoint."""
+
+    def __init__(self, run: RunDirectory, step: int | None = None):
+        self.run, self.step = run, step
+
+    def __call__(self, state: dict[str, Any]) -> None:
+        self.run.save_checkpoint(state)
+        self.step = state["counters"]["steps"]  # only once the file is in place
 
 
 def collapse_kind(opacity: torch.Tensor) -> str | None:
@@ -113,11 +144,33 @@ def collapse_kind(opacity: torch.Tensor) -> str | None:
     return None
 
 
-class Validation:
-    """Every tenth of the run: a few small renders to TensorBoard, and the collapse check."""
+@dataclasses.dataclass(frozen=True)
+class ImageMaps:
+    """The image maps of one render, [1, H, W, C] each, detached and on the CPU: all that validation
+    and the outputs read. Whatever else a ``RenderOutput`` carries (per-view penalties, statistics of
+    its sampling) is left behind, so changes to the renderer's extras cannot break image writing."""
 
-    def __init__(self, distiller: Distiller, tracker: Tracker):
-        self.distiller, self.tracker = distiller, tracker
+    rgb: torch.Tensor
+    opacity: torch.Tensor
+    depth: torch.Tensor
+    normal: torch.Tensor
+
+    @classmethod
+    def of(cls, out: Any) -> "ImageMaps":
+        return cls(*(getattr(out, name).detach().cpu() for name in ("rgb", "opacity", "depth", "normal")))
+
+
+def view_panel(out: ImageMaps) -> torch.Tensor:
+    """RGB | normals of the first view of a render, [H, 2W, 3] in [0, 1]."""
+    return torch.cat([out.rgb[0], normal_image(out.normal[0], out.opacity[0])], dim=1)
+
+
+class Validation:
+    """Every tenth of the run: a few small renders (TensorBoard, and PNGs in RUN/validation) and
+    the collapse check."""
+
+    def __init__(self, distiller: Distiller, tracker: Tracker, run: RunDirectory | None = None):
+        self.distiller, self.tracker, self.run = distiller, tracker, run
         self.every = max(1, distiller.config.steps // VALIDATIONS_PER_RUN)
         self.collapse: dict[str, Any] | None = None  # the first collapse seen: kind and step
 
@@ -125,20 +178,26 @@ class Validation:
         if (record["step"] + 1) % self.every:
             return
         c = self.distiller.config  # never larger than the run's own evaluation renders
-        outs = self.distiller.evaluation_renders(min(VALIDATION_VIEWS, c.eval_views),
-                                                 min(VALIDATION_RESOLUTION, c.eval_resolution))
-        opacity = torch.cat([o.opacity for o in outs])
-        kind = collapse_kind(opacity)
+        outs = [ImageMaps.of(o) for o in self.distiller.evaluation_renders(min(VALIDATION_VIEWS, c.eval_views),
+                                                                         min(VALIDATION_RESOLUTION, c.eval_resolution))]
+        kind = collapse_kind(torch.cat([o.opacity for o in outs]))
         if kind and self.collapse is None:
             self.collapse = {"kind": kind, "step": record["step"], "guidance_evaluations": record["guidance_evaluations"]}
-        images = {f"view{i}": torch.cat([o.rgb[0], normal_image(o.normal[0], o.opacity[0])], dim=1)
-                  for i, o in enumerate(outs)}
+        images = {f"view{i}": view_panel(o) for i, o in enumerate(outs)}
         self.tracker.log_images(record["guidance_evaluations"], images)
+        if self.run is not None:
+            self.save(record["guidance_evaluations"], images)
+
+    def save(self, evaluations: int, images: dict[str, torch.Tensor]) -> None:
+        """RUN/validation/<evaluations>_<view>.png, the count zero-padded to the budget's width so names sort."""
+        width = len(str(self.distiller.config.budget))
+        for name, image in images.items():
+            self.run.save_image(f"{evaluations:0{width}d}_{name}.png", image, folder=VALIDATION)
 
 
 def write_evaluation(run: RunDirectory, distiller: Distiller) -> int:
     """The evaluation renders (PNG per view, RGB and normals) and a turntable of RGB | normals | depth."""
-    outs = [images_on_cpu(o) for o in distiller.evaluation_renders()]
+    outs = [ImageMaps.of(o) for o in distiller.evaluation_renders()]
     for i, out in enumerate(outs):
         run.save_image(f"{i:03d}.png", out.rgb[0])
         run.save_image(f"normal_{i:03d}.png", normal_image(out.normal[0], out.opacity[0]))
@@ -196,10 +255,12 @@ def _execute(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tra
     if start_state is not None:
         distiller.restore(start_state)
         run.truncate_log(distiller.counters.steps)
+        run.drop_validation_after(distiller.counters.guidance_evaluations)
         resumed_at = {"step": distiller.counters.steps, "guidance_evaluations": distiller.counters.guidance_evaluations}
     tracker = Tracker(run.path, config.to_dict(), tensorboard=tracking.tensorboard, wandb=tracking.wandb)
     bar = Progress(config, progress, distiller.counters.guidance_evaluations)
-    validation = Validation(distiller, tracker)
+    validation = Validation(distiller, tracker, run)
+    checkpoint = CheckpointWriter(run, resumed_at["step"] if resumed_at else None)
 
     def on_step(record: dict[str, Any]) -> None:
         run.log(record)
@@ -208,9 +269,8 @@ def _execute(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tra
         validation(record)
 
     try:
-        with StopOnInterrupt() as stop:
-            result = train(distiller, on_step=on_step, on_checkpoint=run.save_checkpoint,
-                           stop_requested=stop.requested)
+        with StopOnInterrupt(lambda: checkpoint.step) as stop:
+            result = train(distiller, on_step=on_step, on_checkpoint=checkpoint, stop_requested=stop.requested)
     finally:
         bar.close()
         tracker.close()
@@ -286,6 +346,7 @@ def resume(out: Path, overrides: dict[str, Any] | None = None, force: bool = Fal
                                     + ". Drop those options, or pass --force to continue with them.")
         if state["counters"]["steps"] >= config.steps:
             raise RunDirectoryError(f"{out} has already run all {config.steps} steps; nothing to resume.")
+        resolve_device(config.device)  # e.g. a GPU run resumed on a machine without one: refused untouched
     except BaseException:
         run.abandon_resume()
         raise

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ LOG = "log.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 RENDERS = "renders"
+VALIDATION = "validation"  # the validation renders of the run, as in TensorBoard
 TURNTABLE = "turntable.mp4"
 
 
@@ -35,17 +36,39 @@ class RunDirectoryError(RuntimeError):
     pass
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty temporary file in ``path``'s folder, opened for writing: (descriptor, its path).
+
+    Created by ``os.open`` with mode 0o666 so that the umask (and a default ACL) applies as it does
+    to a plain ``open()``; ``tempfile.mkstemp`` would make every atomically written file 0600.
+    The name ``.NAME.<random>.tmp`` is what a resume sweeps up after a kill (``RunDirectory._resume``).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(file)`` into a temporary file, flushed to disk, then renamed over ``path``."""
+    fd, tmp = _temporary_beside(Path(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -53,14 +76,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -135,12 +151,16 @@ class RunDirectory:
         atomic_write_bytes(path, "".join(kept).encode())
         self._log = open(path, "a", buffering=1)
 
+    def drop_validation_after(self, evaluations: int) -> None:
+        """Remove validation renders made after ``evaluations`` (by the steps a resume runs again)."""
+        for image in (self.path / VALIDATION).glob("*_view*.png"):
+            spent = image.name.partition("_")[0]
+            if spent.isdigit() and int(spent) > evaluations:
+                image.unlink()
+
     def final_is_completed(self) -> bool:
         """Whether ``final`` holds a run that completed (which an interrupted one must not replace)."""
-        try:
-            return json.loads((self.final / SUMMARY).read_text()).get("status") == "completed"
-        except (OSError, ValueError):
-            return False
+        return read_summary(self.final).get("status") == "completed"
 
     def check_free_space(self, needed_bytes: int) -> None:
         free = shutil.disk_usage(self.path).free
@@ -159,10 +179,12 @@ class RunDirectory:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_torch_save(self.path / CHECKPOINT, state)
 
-    def save_image(self, name: str, image: torch.Tensor) -> Path:
+    def save_image(self, name: str, image: torch.Tensor, folder: str = RENDERS) -> Path:
+        """A PNG in ``folder`` of the run (made on first use, e.g. ``VALIDATION``)."""
         import imageio.v3 as iio
 
-        path = self.path / RENDERS / name
+        (self.path / folder).mkdir(exist_ok=True)
+        path = self.path / folder / name
         iio.imwrite(path, to_uint8(image))
         return path
 
@@ -199,11 +221,29 @@ class RunDirectory:
 # reading a run back
 
 
+def _not_a_run(run: Path) -> str | None:
+    """Why ``run`` is no run directory at all (None if it looks like one), and what to give instead."""
+    if run.is_dir():
+        if any((run / name).is_file() for name in (CONFIG, CHECKPOINT, SUMMARY)):
+            return None
+        return (f"{run} is not an mvsdi run directory (no {CONFIG}); give the folder `mvsdi generate` wrote "
+                "(its --out)")
+    partial = run.parent / f".{run.name}.partial"
+    if (partial / CHECKPOINT).is_file():
+        return (f"{run} does not exist, but an unfinished run of it is at {partial}: finish it with "
+                f"`mvsdi generate --resume {run}`")
+    if run.exists():
+        return f"{run} is a file, not an mvsdi run directory; give the folder `mvsdi generate` wrote (its --out)"
+    return f"{run} does not exist; give the folder `mvsdi generate` wrote (its --out)"
+
+
 def read_checkpoint(run: str | Path) -> dict[str, Any]:
-    """The checkpoint of a run directory; a clear error if it has none or it cannot be read."""
-    path = Path(run) / CHECKPOINT
-    if not Path(run).is_dir():
-        raise RunDirectoryError(f"{run} is not a run directory (written by `mvsdi generate`)")
+    """The checkpoint of a run directory; a clear error if it is no run, has no checkpoint, or it cannot be read."""
+    run = Path(run)
+    problem = _not_a_run(run)
+    if problem:
+        raise RunDirectoryError(problem)
+    path = run / CHECKPOINT
     if not path.is_file():
         raise RunDirectoryError(f"{run} has no {CHECKPOINT}: the run never reached its first checkpoint. "
                                 "Run `mvsdi generate` again (or `--resume` an interrupted run that saved one).")
@@ -213,6 +253,16 @@ def read_checkpoint(run: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
         raise RunDirectoryError(f"{path} cannot be read ({type(exc).__name__}: {exc}); "
                                 "the file is damaged: rerun or resume from another copy") from exc
+
+
+def read_summary(run: str | Path) -> dict[str, Any]:
+    """A run's summary.json ({} if it has none or it cannot be read); its "status" is "completed",
+    "interrupted" or "diverged"."""
+    try:
+        summary = json.loads((Path(run) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def load_trained_model(run: str | Path, device: torch.device | str = "cpu"):

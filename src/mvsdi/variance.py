@@ -29,6 +29,9 @@ from mvsdi.priors.base import DiffusionPrior
 
 VARIANCE_STREAM = 7_919  # keeps the estimator's random keys apart from any training step's
 BOOTSTRAP_RESAMPLES = 2_000
+# With 2 repeats the only resample of two distinct draws is the sample itself (the others draw one
+# gradient twice: zero variance), so a bootstrap "interval" would have zero width or be undefined.
+MIN_BOOTSTRAP_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,13 @@ def estimator_variance(distiller: Distiller, fraction: float, repeats: int, seed
 def ratio_intervals(grams: list[np.ndarray], views: list[int], resamples: int = BOOTSTRAP_RESAMPLES,
                     seed: int = 0) -> list[tuple[float, float, float]]:
     """Per setting: (2.5%, 97.5% percentile interval, standard error of the log) of its variance per
-    evaluation over the first setting's, by a paired bootstrap over the repeat index."""
+    evaluation over the first setting's, by a paired bootstrap over the repeat index; all nan with
+    fewer than ``MIN_BOOTSTRAP_REPEATS`` repeats (no interval can be had from so few)."""
     n = len(grams[0])
     if any(len(g) != n for g in grams):
         raise ValueError("a paired bootstrap needs the same number of repeats in every setting")
+    if n < MIN_BOOTSTRAP_REPEATS:
+        return [(float("nan"),) * 3 for _ in grams]
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
     per_eval = [resampled_total_variance(g, counts) * k for g, k in zip(grams, views)]

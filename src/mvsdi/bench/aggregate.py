@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mvsdi.bench.cells import CELL_METRICS
-from mvsdi.bench.matrix import BenchSpec, Cell, cells, redo_reason
+from mvsdi.bench.matrix import BenchSpec, Cell, cells, is_ideal, redo_reason
 from mvsdi.rundir import SUMMARY, atomic_write_bytes
 from mvsdi.testbed.study import mean_interval
 
@@ -131,7 +131,7 @@ def paired_differences(rows: Sequence[dict[str, Any]], baseline: str, presets: S
 # writing
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def format_value(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
@@ -168,8 +168,8 @@ def summary_tables(summary: Sequence[dict[str, Any]], metrics: Sequence[str]) ->
     counts = ["cells", "ok", "diverged", "failed", "missing", "divergence_rate"]
     costs = [*COSTS, "peak_memory_gib"]
     md = _markdown(["preset", *counts, *metrics, *costs],
-                   [[e["preset"], *(_num(e[c]) for c in counts), *(_pm(e[m]) for m in metrics),
-                     *(_num(e[c]) for c in costs)] for e in summary])
+                   [[e["preset"], *(format_value(e[c]) for c in counts), *(_pm(e[m]) for m in metrics),
+                     *(format_value(e[c]) for c in costs)] for e in summary])
     header = ["preset", *counts, *(f"{m}_{part}" for m in metrics for part in ("mean", "ci95")), *costs]
     csv_text = _csv(header, [[e["preset"], *(e[c] for c in counts), *(v for m in metrics for v in e[m]),
                               *(e[c] for c in costs)] for e in summary])
@@ -181,8 +181,8 @@ def cell_tables(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> tuple
     fields = ["prompt", "seed", "status"]
     costs = [*COSTS, "peak_memory_gib"]
     md = _markdown([*fields, *metrics, *costs, "reason", "run"],
-                   [[r["prompt"], r["seed"], r["status"], *(_num(r["metrics"].get(m)) for m in metrics),
-                     *(_num(r.get(c)) for c in costs), short_reason(r), r["path"]]
+                   [[r["prompt"], r["seed"], r["status"], *(format_value(r["metrics"].get(m)) for m in metrics),
+                     *(format_value(r.get(c)) for c in costs), short_reason(r), r["path"]]
                     for r in rows])
     csv_text = _csv([*fields, *metrics, *costs, "reason", "run"],
                     [[r["prompt"], r["seed"], r["status"], *(r["metrics"].get(m) for m in metrics),
@@ -205,7 +205,7 @@ def short_reason(row: dict[str, Any]) -> str:
 
 def _summary_line(entry: dict[str, Any], metrics: Sequence[str]) -> str:
     parts = [f"{m} {_pm(entry[m])}" for m in metrics]
-    return (f"{entry['ok']}/{entry['cells']} cells ok, divergence rate {_num(entry['divergence_rate'])}"
+    return (f"{entry['ok']}/{entry['cells']} cells ok, divergence rate {format_value(entry['divergence_rate'])}"
             + (": " + "; ".join(parts) if parts else "") + ".\n")
 
 
@@ -232,14 +232,16 @@ def report_markdown(spec: BenchSpec, out: Path, rows, summary, paired, metrics: 
             f"as diverged. Lower is better for: {', '.join(LOWER_IS_BETTER)}.\n\n"
             + summary_tables(summary, metrics)[0]
             + f"\n## Paired differences against {spec.baseline} (same prompt and seed, neither diverged)\n\n"
-            + paired_tables(paired)[0] + "\n## Plots and gallery\n\n" + links
+            + paired_tables(paired)[0] + "\n## Plots and gallery\n\n"
+            + "The bar plot cuts each 95% interval at the metric's range (e.g. IoU at [0, 1]); the tables give it "
+              "whole.\n\n" + links
             + (f"\n## Failed cells\n\n{failed}" if failed else ""))
 
 
 def aggregate(spec: BenchSpec, out: Path) -> dict[str, Any]:
     """Write the tables, plots, gallery and summary.md of the bench at ``out`` from its files."""
     from mvsdi.bench.gallery import write_gallery
-    from mvsdi.bench.plots import plot_bars, plot_scatter
+    from mvsdi.bench.plots import metric_range, plot_bars, plot_scatter
 
     out = Path(out)
     rows = collect(spec, out)
@@ -247,9 +249,10 @@ def aggregate(spec: BenchSpec, out: Path) -> dict[str, Any]:
     summary = summarise(rows, spec.presets, metrics)
     paired = paired_differences(rows, spec.baseline, spec.presets, metrics)
     written = write_tables(out, rows, summary, paired, metrics)
-    figures = [p for p in (plot_bars(summary, metrics, out / "plots" / "metrics.png"),
+    ranges = {m: metric_range(m, is_ideal(spec.model)) for m in metrics}
+    figures = [p for p in (plot_bars(summary, metrics, out / "plots" / "metrics.png", ranges),
                            plot_scatter(rows, spec.baseline, spec.presets, metrics, out / "plots" / "per_prompt.png"))
                if p is not None]
-    figures.append(write_gallery(rows, spec.presets, spec.prompts, out))
+    figures.append(write_gallery(rows, spec.presets, spec.prompts, out, metrics))
     written["summary.md"] = _write(out / "summary.md", report_markdown(spec, out, rows, summary, paired, metrics, figures))
     return {"rows": rows, "summary": summary, "paired": paired, "files": written}

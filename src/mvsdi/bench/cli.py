@@ -65,15 +65,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 # from arguments to a spec
 
 
-def _names(text: str) -> tuple[str, ...]:
+def parse_names(text: str) -> tuple[str, ...]:
+    """A comma-separated option as its non-empty, stripped parts."""
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def _seeds(text: str) -> tuple[int, ...]:
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds`` of both `bench` and `testbed`: a comma-separated list of distinct integers ("3" is seed 3)."""
     try:
-        return tuple(int(s) for s in _names(text))
+        seeds = tuple(int(s) for s in parse_names(text))
     except ValueError:
         raise ValueError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give at least one seed and each once, e.g. 0,1,2")
+    return seeds
 
 
 def _metrics(text: str | None, ideal: bool) -> tuple[str, ...]:
@@ -82,7 +87,7 @@ def _metrics(text: str | None, ideal: bool) -> tuple[str, ...]:
 
     if not ideal:
         return parse_metrics(text) if text else DEFAULT_METRICS
-    names = _names(text) if text else TESTBED_METRICS
+    names = parse_names(text) if text else TESTBED_METRICS
     unknown = [n for n in names if n not in TESTBED_METRICS]
     if unknown or not names:
         raise ValueError(f"unknown metric(s) {unknown or [text]} for the testbed prior; known: {', '.join(TESTBED_METRICS)}")
@@ -104,8 +109,8 @@ def spec_from_args(args: argparse.Namespace):
 
     prompts = tuple(read_prompt_file(args.prompts) if args.prompts else benchmark_prompts())
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
-    spec = BenchSpec(presets=_names(args.presets), prompts=prompts, seeds=_seeds(args.seeds), overrides=overrides,
-                     baseline=args.baseline or "", metrics=())
+    spec = BenchSpec(presets=parse_names(args.presets), prompts=prompts, seeds=parse_seeds(args.seeds),
+                     overrides=overrides, baseline=args.baseline or "", metrics=())
     ideal = is_ideal(spec.model)
     if ideal:
         _check_scenes(prompts)

@@ -1,27 +1,70 @@
-"""The bench's figures: per-metric bars with 95% intervals, and per-prompt scatter against the baseline."""
+"""The bench's figures: per-metric bars with 95% intervals, and per-prompt scatter against the baseline;
+one colour per preset in both."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from mvsdi.plotting import pyplot, save_figure
 
 
-def plot_bars(summary: Sequence[dict[str, Any]], metrics: Sequence[str], out: Path) -> Path | None:
-    """One panel per metric, one bar per preset (mean over "ok" cells), error bars the 95% interval."""
+Bounds = tuple[Optional[float], Optional[float]]  # a metric's possible values; None: unbounded that way
+
+# Where each metric's values can lie (a mean ± t-interval over few cells can run past them).
+# ``clip_iqa`` stands for its parts ``clip_iqa_*``; a metric not listed is unbounded.
+TESTBED_RANGES: dict[str, Bounds] = {"psnr": (0.0, None), "iou": (0.0, 1.0), "r_precision": (0.0, 1.0),
+                                     "janus": (0.0, 1.0)}  # psnr >= 0: images in [0, 1]; janus: a share of views
+CLIP_RANGES: dict[str, Bounds] = {"clip_score": (-1.0, 1.0), "r_precision": (0.0, 1.0), "clip_iqa": (0.0, 1.0),
+                                  "janus": (-1.0, 1.0)}  # clip_score and janus: cosines; clip_iqa: probabilities
+
+
+def metric_range(metric: str, ideal: bool) -> Bounds:
+    table = TESTBED_RANGES if ideal else CLIP_RANGES
+    return next((r for name, r in table.items() if metric == name or metric.startswith(name + "_")), (None, None))
+
+
+def clipped_error_bars(means: Sequence[float], halves: Sequence[float], bounds: Bounds) -> np.ndarray:
+    """[2, N] (below, above) lengths of the bars mean ± half, cut at the metric's bounds (0 for a nan half)."""
+    mean = np.asarray(means, dtype=float)
+    half = np.nan_to_num(np.asarray(halves, dtype=float))
+    low, high = bounds
+    lower = mean - half if low is None else np.maximum(mean - half, low)
+    upper = mean + half if high is None else np.minimum(mean + half, high)
+    return np.stack([np.maximum(mean - lower, 0.0), np.maximum(upper - mean, 0.0)])
+
+
+def _range_text(bounds: Bounds) -> str:
+    low, high = ("-∞" if bounds[0] is None else f"{bounds[0]:g}"), ("∞" if bounds[1] is None else f"{bounds[1]:g}")
+    return f"[{low}, {high}]"
+
+
+def preset_colours(presets: Sequence[str]) -> dict[str, str]:
+    """One colour per preset, the same in every bench figure."""
+    return {name: f"C{i % 10}" for i, name in enumerate(presets)}
+
+
+def plot_bars(summary: Sequence[dict[str, Any]], metrics: Sequence[str], out: Path,
+              ranges: dict[str, Bounds] | None = None) -> Path | None:
+    """One panel per metric, one bar per preset (mean over "ok" cells), error bars the 95% interval
+    drawn only within the metric's range (``ranges``; the caption says so)."""
     if not metrics:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
     names = [e["preset"] for e in summary]
+    colours = preset_colours(names)
     for ax, metric in zip(axes[0], metrics):
+        bounds = (ranges or {}).get(metric, (None, None))
         means = [e[metric][0] for e in summary]
-        halves = [e[metric][1] if math.isfinite(e[metric][1]) else 0.0 for e in summary]
-        ax.bar(range(len(names)), means, yerr=halves, capsize=4, color="tab:blue")
+        bars = clipped_error_bars(means, [e[metric][1] for e in summary], bounds)
+        ax.bar(range(len(names)), means, yerr=bars, capsize=4, color=[colours[n] for n in names])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(metric)
+        ax.set_title(metric if bounds == (None, None) else f"{metric} in {_range_text(bounds)}")
+    fig.suptitle("mean over ok cells; bars: 95% interval (Student t), cut at the metric's range", fontsize=9)
     return save_figure(fig, out)
 
 
@@ -42,6 +85,7 @@ def plot_scatter(rows: Sequence[dict[str, Any]], baseline: str, presets: Sequenc
     if not metrics or not others:
         return None
     plt = pyplot()
+    colours = preset_colours(presets)
     fig, axes = plt.subplots(len(metrics), len(others), figsize=(3.2 * len(others), 3.2 * len(metrics)), squeeze=False)
     for i, metric in enumerate(metrics):
         base = per_prompt_means(rows, baseline, metric)
@@ -50,7 +94,7 @@ def plot_scatter(rows: Sequence[dict[str, Any]], baseline: str, presets: Sequenc
             shared = [p for p in base if p in other]
             ax = axes[i][j]
             xs, ys = [base[p] for p in shared], [other[p] for p in shared]
-            ax.scatter(xs, ys, s=14)
+            ax.scatter(xs, ys, s=14, color=colours[name])
             if xs:
                 low, high = min(xs + ys), max(xs + ys)
                 ax.plot([low, high], [low, high], color="grey", lw=0.8)  # above the line: better than the baseline

@@ -5,7 +5,7 @@ The maths lives in short pure functions of embeddings (``cosine_matrix``, ``r_pr
 ``ClipScorer`` turns images and texts into embeddings with a ``transformers.CLIPModel``; the image
 preprocessing is done here in torch (resize, centre crop, normalise) rather than by
 ``CLIPImageProcessor``, whose fast variant wants torchvision, which cannot be installed beside this
-torch (see docs/dependencies in DESIGN.md).
+torch (docs/design.md, "The dependency stack").
 
 HPSv2.1 is an OpenCLIP ViT-H/14 fine-tune. Its published checkpoint is an OpenCLIP state dict, which
 ``openclip_to_transformers`` renames and splits into ``CLIPModel``'s layout, so the score runs on

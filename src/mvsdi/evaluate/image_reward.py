@@ -1,6 +1,6 @@
 """ImageReward v1.0 on transformers' BLIP classes, without the official ``image-reward`` package.
 
-The official package pins timm 0.6.13 and pulls a torchvision that breaks this install (DESIGN.md), so its
+The official package pins timm 0.6.13 and pulls a torchvision that breaks this install (docs/design.md, "The dependency stack"), so its
 checkpoint (THUDM/ImageReward: ``ImageReward.pt`` + ``med_config.json``) is loaded here into
 ``transformers.BlipVisionModel`` (BLIP's ViT, 224², patch 16) and ``BlipTextModel`` (BLIP's BERT "med"
 encoder with cross-attention to the image tokens) plus the reward head, a stack of linear layers.
@@ -79,7 +79,7 @@ class ImageRewardModel(nn.Module):
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
         text = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_tokens,
                          encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state
-        return self.head(text[:, 0].float())[:, 0]
+        return self.head(text[:, 0].to(self.head[0].weight.dtype))[:, 0]  # a half encoder feeds the head
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return normalise_reward(self.raw_reward(pixels, input_ids, attention_mask))

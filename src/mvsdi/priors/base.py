@@ -24,7 +24,7 @@ class NetworkCounters:
     the number of launches: with a step's K views batched (``RunConfig.view_batching``) the K
     views' guided calls become one, so calls per step drop K-fold (SDS: 1 instead of K; SDI:
     its grid's calls once instead of K times) while images stay. "UNet forward passes per
-    guidance evaluation" in the sense of DESIGN.md (one per guided call of one view) is therefore
+    guidance evaluation" in the sense of docs/design.md (one per guided call of one view) is therefore
     ``images / (CFG batch factor × evaluations)``, not ``calls / evaluations``.
     """
 

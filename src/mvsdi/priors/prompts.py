@@ -110,7 +110,8 @@ class PromptConditioning:
         texts = [f"{prompt}, {view} view" for view in VIEWS] + [cfg.negative_prompt, prompt]
         self.texts = texts
         # one embed call for all six texts; [front, side, back, overhead, uncond] then the plain prompt
-        embedded = prior.embed_texts(texts).float()
+        # in the default dtype (float32; float64 for reference computations), whatever the prior's
+        embedded = prior.embed_texts(texts).to(torch.get_default_dtype())
         self.basis = embedded[:5]
         self.plain = embedded[5]
 

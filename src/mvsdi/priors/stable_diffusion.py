@@ -67,7 +67,7 @@ def unet_forward(unet, latents: torch.Tensor, t: torch.Tensor, embeddings: torch
 class CudaGraphUNet:
     """The UNet's forward replayed from one CUDA graph per input shape (issue 6; UNMEASURED here).
 
-    A CFG call at batch 2 is launch-bound on an H200 (DESIGN.md: 26.5 ms eager, 11.4 ms as a
+    A CFG call at batch 2 is launch-bound on an H200 (docs/design.md: 26.5 ms eager, 11.4 ms as a
     graph). Each distinct (latents, embeddings) shape is captured once, after a warm-up on a side
     stream (lazy allocations and cuDNN's algorithm search must not happen inside the capture);
     later calls copy their inputs into that graph's static buffers and replay. All graphs share
@@ -216,4 +216,4 @@ class StableDiffusionPrior:
         self.counters.images += latents_t.shape[0]
         eps = self._unet_call(latents_t.to(self.device, self.dtype), t.to(self.device),
                               embeddings.to(self.device, self.dtype))
-        return eps.float()
+        return eps.to(latents_t.dtype)  # a half-precision UNet's output in the caller's precision

@@ -3,49 +3,70 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fnmatch
 import sys
 from pathlib import Path
 
+# What a study writes (see mvsdi.testbed.study), and the temporary files of its atomic writes: a
+# folder holding anything else is not a study, and --overwrite must not delete it.
+STUDY_FILES = ("results.jsonl", "variance.json", "table.md", "table.csv", "study.json", "log.jsonl", "*.png",
+               "turntable_*.gif", ".*.tmp")
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from mvsdi.testbed.scenes import SCENES
+    from mvsdi.testbed.study import FULL, SMALL
+
     p = subparsers.add_parser(
         "testbed", help="compare K-view methods at equal budget where the truth is known (no weights)",
         description="Distil procedural scenes with the exact ideal denoiser of their renders as the prior, "
                     "for K=1, K=2 random/antipodal/stratified and K=4 antipodal/mixed at the same budget, "
                     "and measure the result against the true shapes. The default is small (minutes on 2 CPU "
-                    "cores); --full is the study meant for a GPU.")
-    p.add_argument("--full", action="store_true", help="all scenes, 3 seeds, budget 2000, 64² (GPU)")
-    p.add_argument("--scenes", help="comma-separated scene names (default: the setting's)")
-    p.add_argument("--seeds", type=int, help="number of seeds")
+                    "cores); --full is the study meant for a GPU.",
+        epilog="scenes: " + "; ".join(f"{name} ({scene.description})" for name, scene in SCENES.items()))
+    p.add_argument("--full", action="store_true", help=f"all scenes, seeds {_listed(FULL.seeds)}, budget "
+                   f"{FULL.budget}, {FULL.image_size}² (GPU)")
+    p.add_argument("--scenes", help=f"comma-separated scene names, from: {', '.join(SCENES)} "
+                   f"(default: {_listed(SMALL.scenes)}; with --full all)")
+    p.add_argument("--seeds", help=f"comma-separated seeds, e.g. 0,1,2 (default: {_listed(SMALL.seeds)}; with "
+                   f"--full {_listed(FULL.seeds)}). A list, as in `mvsdi bench`: --seeds 3 is the one seed 3")
     p.add_argument("--budget", type=int, help="guidance evaluations per cell (a multiple of 4)")
     p.add_argument("--guidance", help="comma-separated: sds,sdi")
-    p.add_argument("--variance-repeats", type=int, help="gradient draws per method and point of the run (R, >= 2)")
+    p.add_argument("--variance-repeats", type=int, help="gradient draws per method and point of the run (R, >= 2; "
+                   "the ratios' 95%% intervals need R >= 3)")
     p.add_argument("--device", help="cpu, cuda, auto")
-    p.add_argument("--out", type=Path, default=Path("runs/testbed"), help="where tables, plots and GIFs go")
+    p.add_argument("--out", type=Path, default=Path("runs/testbed"),
+                   help="the study folder: tables, plots and GIFs (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier study at --out, whole, once the new one completes")
     return p
 
 
+def _listed(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
 def settings_from_args(args: argparse.Namespace):
+    from mvsdi.bench.cli import parse_names, parse_seeds
     from mvsdi.testbed.scenes import get_scene
     from mvsdi.testbed.study import FULL, SMALL
 
     settings = FULL if args.full else SMALL
     changes = {}
     if args.scenes:
-        changes["scenes"] = tuple(s.strip() for s in args.scenes.split(",") if s.strip())
+        changes["scenes"] = parse_names(args.scenes)
         for name in changes["scenes"]:
             get_scene(name)
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError("--seeds must be >= 1")
-        changes["seeds"] = tuple(range(args.seeds))
+        changes["seeds"] = parse_seeds(args.seeds)
     if args.budget is not None:
         if args.budget < 4 or args.budget % 4:
             raise ValueError(f"--budget {args.budget}: the study runs K=1, 2 and 4, so it must be a positive multiple of 4")
         changes["budget"] = args.budget
     if args.guidance:
-        changes["guidances"] = tuple(g.strip() for g in args.guidance.split(","))
+        changes["guidances"] = parse_names(args.guidance)
         unknown = set(changes["guidances"]) - {"sds", "sdi"}
         if unknown:
             raise ValueError(f"unknown guidance {sorted(unknown)}; choose from sds, sdi")
@@ -58,15 +79,60 @@ def settings_from_args(args: argparse.Namespace):
     return dataclasses.replace(settings, **changes)
 
 
+def foreign_files(folder: Path) -> list[str]:
+    """Names in ``folder`` that a study does not write (subfolders included)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name + "/" * p.is_dir() for p in folder.iterdir()
+                  if p.is_dir() or not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES))
+
+
+def open_study_folder(out: Path, overwrite: bool):
+    """A ``RunDirectory`` for the study: written in a staging folder beside ``out``, moved into place
+    whole on ``commit``, so an earlier study is replaced, never mixed with the new one's files."""
+    from mvsdi.rundir import RunDirectory, RunDirectoryError
+
+    if overwrite and (foreign := foreign_files(out)):
+        raise RunDirectoryError(
+            f"--out {out} holds files that a study does not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}), so --overwrite does not replace it; nothing was changed. "
+            "Choose another --out, or move those files away.")
+    return RunDirectory(out, overwrite=overwrite)
+
+
+def _study(args: argparse.Namespace):
+    """Validate everything, then run the study in its staging folder and move it into place."""
+    from mvsdi.priors.loading import resolve_device
+    from mvsdi.rundir import RENDERS
+    from mvsdi.testbed.study import check_settings, run_study
+
+    settings = settings_from_args(args)
+    check_settings(settings)
+    resolve_device(settings.device)  # e.g. --device cuda without a GPU: before any folder is made
+    folder = open_study_folder(args.out, args.overwrite)
+    try:
+        result = run_study(settings, folder.path, log=folder.log)
+        with contextlib.suppress(OSError):  # a run directory's (empty) renders folder; a study has none
+            (folder.path / RENDERS).rmdir()
+    except BaseException:
+        folder.discard()  # the staging folder only: an earlier study at --out is untouched
+        raise
+    folder.commit()
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
-    from mvsdi.testbed.study import run_study
+    from mvsdi.rundir import RunDirectoryError
 
     try:
-        settings = settings_from_args(args)
-        result = run_study(settings, args.out)
-    except ValueError as exc:
+        result = _study(args)
+    except (ValueError, RunDirectoryError) as exc:
         print(f"mvsdi testbed: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mvsdi testbed: interrupted; {args.out} was left as it was (the partial study is discarded)",
+              file=sys.stderr)
+        return 130
     print((args.out / "table.md").read_text())
     print(f"study written to {args.out} in {result['seconds']:.0f} s")
     return 0

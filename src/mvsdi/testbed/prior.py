@@ -43,7 +43,7 @@ from mvsdi.priors.tiny import SCHEDULER_CONFIG, cache_root
 from mvsdi.rundir import atomic_torch_save
 from mvsdi.testbed import scenes as sc
 
-FORMAT_VERSION = 1  # bump when the cache layout or the meaning of its contents changes
+FORMAT_VERSION = 2  # bump when the cache layout or the meaning of its contents changes (2: per-view camera draws and jitter)
 SIZE_RANGE = (8, 256)
 MAX_REFERENCES = 16384  # per scene; beyond this the softmax over the set is hours of CPU
 CHUNK_BYTES = 512 * 2 ** 20  # references are used in float64 chunks of at most this many bytes
@@ -86,8 +86,13 @@ def _sha256(images: Tensor) -> str:
 
 
 def render_references(scene: sc.Scene, count: int, size: int, seed: int, ranges: CameraRanges) -> Tensor:
-    """[count, 3, size, size] uint8 truth renders from ``count`` random training cameras."""
-    cameras = sample_views("random", count, torch.Generator().manual_seed(seed), ranges)
+    """[count, 3, size, size] uint8 truth renders from ``count`` random training cameras.
+
+    Without the training cameras' position, centre and up jitter: the references play the images a
+    text-to-image model makes, objects centred and upright; the jitter is the renderer's
+    augmentation, not part of what the prior knows (and off-centre references would make the view
+    metrics match by position instead of by shape)."""
+    cameras = sample_views("random", count, torch.Generator().manual_seed(seed), ranges.unperturbed())
     images = sc.render_truth(scene, cameras, size)
     return (images * 255.0).round().clamp(0, 255).to(torch.uint8)
 
@@ -232,7 +237,7 @@ class IdealDenoiserPrior:
     def encode_images(self, images: Tensor) -> Tensor:
         """[N, 3, H, W] in [0, 1] → [N, 3, s, s] in [−1, 1]; differentiable (antialiased resize)."""
         size = self.image_size
-        x = images.to(self.device, torch.float32)
+        x = images.to(self.device, torch.get_default_dtype())  # float32, or float64 for reference computations
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return x * 2.0 - 1.0
@@ -264,7 +269,7 @@ class IdealDenoiserPrior:
         x = latents_t.to(self.device, torch.float64).flatten(1)
         x0 = self._posterior_mean(x, alpha, self._labels_of(embeddings, latents_t.shape[0]))
         eps = (x - alpha.sqrt()[:, None] * x0) / (1.0 - alpha).sqrt()[:, None]
-        return eps.float().view(latents_t.shape)
+        return eps.to(latents_t.dtype).view(latents_t.shape)
 
     # -- the denoiser itself ---------------------------------------------------------------------
 
@@ -274,7 +279,7 @@ class IdealDenoiserPrior:
         n = latents_t.shape[0]
         x = latents_t.to(self.device, torch.float64).flatten(1)
         x0 = self._posterior_mean(x, self._alpha(t, n), self._labels_of(embeddings, n))
-        return x0.float().view(latents_t.shape)
+        return x0.to(latents_t.dtype).view(latents_t.shape)
 
     @torch.no_grad()
     def posterior_weights(self, latents_t: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:

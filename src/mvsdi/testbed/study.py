@@ -6,7 +6,9 @@ taken at several fractions of the budget. The gradient-variance ratio of each me
 along a training run: at the parameters of the K=1 cell (first seed) when it has spent each of
 ``variance_fractions`` of its budget, with the schedules at that fraction. Outputs: results.jsonl
 (one line per cell and fraction), variance.json, table.md / table.csv (mean and 95% interval per
-metric, paired differences against K=1; variance ratios per fraction), plots, turntable GIFs.
+metric, paired differences against K=1; variance ratios per fraction), plots (one colour per method
+in all of them), turntable GIFs (each panel captioned with its method and final metrics), and, when
+run by ``mvsdi testbed``, log.jsonl (the progress lines).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from mvsdi.schedules import LossWeights, Ramp, Schedules, ShadingSchedule
 from mvsdi.testbed.metrics import evaluate_renders, render_views
 from mvsdi.testbed.scenes import ConstantBackground
 from mvsdi.testbed.prior import IdealDenoiserPrior
-from mvsdi.variance import compare_estimators
+from mvsdi.variance import MIN_BOOTSTRAP_REPEATS, compare_estimators
 
 # view R-precision, aligned PSNR, 3D IoU (higher is better) and Janus score (lower is better)
 METRICS = ("r_precision", "psnr", "iou", "janus")
@@ -54,6 +56,10 @@ TESTBED_SDS_SCALE = 7.5
 
 METHODS = (Method("K1", 1, "random"), Method("K2-random", 2, "random"), Method("K2-antipodal", 2, "antipodal"),
            Method("K2-stratified", 2, "stratified"), Method("K4-antipodal", 4, "antipodal"), Method("K4-mixed", 4, "mixed"))
+# One colour per method, keyed by name, in every figure: by position in a plot the colours would
+# shift between figures that leave K1 out (the variance ratios) and those that show it.
+METHOD_COLOURS = dict(zip((m.name for m in METHODS),
+                          ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
 
 
 @dataclass(frozen=True)
@@ -249,9 +255,19 @@ def variance_summary(variance: list[dict[str, Any]]) -> dict[tuple[str, str, flo
     return summary
 
 
+def _interval_text(low: float, high: float, repeats: int | None) -> str:
+    """'[low, high]', or why there is none (instead of '[nan, nan]')."""
+    if math.isfinite(low) and math.isfinite(high):
+        return f"[{low:.2f}, {high:.2f}]"
+    if repeats is not None and repeats < MIN_BOOTSTRAP_REPEATS:
+        return f"[n/a: R={repeats} < {MIN_BOOTSTRAP_REPEATS}]"
+    return "[n/a: a zero-variance draw set]"
+
+
 def variance_markdown(variance: list[dict[str, Any]]) -> str:
     """Variance per evaluation / K1's, one column per point of the K=1 run, '[95% interval]'."""
     summary = variance_summary(variance)
+    repeats = min((v["repeats"] for v in variance if "repeats" in v), default=None)
     fractions = sorted({key[2] for key in summary})
     head = ["guidance", "method", *(f"at {f:g} of the run" for f in fractions)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -261,7 +277,7 @@ def variance_markdown(variance: list[dict[str, Any]]) -> str:
             if not any(cells):
                 continue
             text = ["" if c is None else f"{c[0]:.2f}" if method == METHODS[0].name  # K1/K1 is 1 exactly
-                    else f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]" for c in cells]
+                    else f"{c[0]:.2f} {_interval_text(c[1], c[2], repeats)}" for c in cells]
             lines.append("| " + " | ".join([guidance, method, *text]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -303,7 +319,7 @@ def plot_metric_vs_budget(results: list[dict[str, Any]], out: Path) -> Path:
                 cells = [r for r in results if r["guidance"] == guidance and r["method"] == method.name]
                 fractions = sorted({r["fraction"] for r in cells})
                 means = [mean_interval([r[metric] for r in cells if r["fraction"] == f])[0] for f in fractions]
-                ax.plot(fractions, means, marker="o", label=method.name)
+                ax.plot(fractions, means, marker="o", label=method.name, color=METHOD_COLOURS[method.name])
             ax.set_title(f"{guidance}: {metric}")
             ax.set_xlabel("budget fraction spent")
     axes[0][0].legend(fontsize=7)
@@ -323,7 +339,7 @@ def plot_variance(variance: list[dict[str, Any]], out: Path) -> Path:
             fractions = np.array([f for f, _ in points]) + 0.01 * (slot - 2)  # side by side, so the bars stay apart
             ratio, low, high = (np.array([r[i] for _, r in points]) for i in range(3))
             ax.errorbar(fractions, ratio, yerr=np.nan_to_num([ratio - low, high - ratio]), marker="o", capsize=3,
-                        label=method.name)
+                        label=method.name, color=METHOD_COLOURS[method.name])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.set_title(f"{guidance}: variance per evaluation / K1")
@@ -332,18 +348,68 @@ def plot_variance(variance: list[dict[str, Any]], out: Path) -> Path:
     return save_figure(fig, out / "variance_ratio.png", dpi=110)
 
 
-def write_turntables(frames: dict[tuple[str, str], dict[str, np.ndarray]], out: Path, min_side: int = 128) -> list[Path]:
+# the metrics in the turntables' captions: label and number format
+CAPTION_METRICS = (("psnr", "PSNR", ".1f"), ("iou", "IoU", ".2f"), ("r_precision", "R-prec", ".2f"),
+                   ("janus", "Janus", ".2f"))
+
+
+def method_caption(method: str, row: dict[str, Any]) -> list[str]:
+    """Three caption lines for a method's turntable panel: its name and the metrics of ``row``."""
+    parts = [f"{label} {row[key]:{fmt}}" for key, label, fmt in CAPTION_METRICS]
+    name = method + (" (diverged)" if row.get("diverged") else "")
+    if row.get("fraction", 1.0) != 1.0:  # the panel shows the end of the run, the metrics an earlier point
+        name += f", metrics at {row['fraction']:g}"
+    return [name, "  ".join(parts[:2]), "  ".join(parts[2:])]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:  # older Pillow: its one bitmap font
+        return ImageFont.load_default()
+
+
+def caption_strips(captions: list[list[str]], width: int) -> list[np.ndarray]:
+    """One uint8 strip [h, width, 3] per caption (white lines on dark grey), all of one height and
+    font size: the largest size at which the longest line of any caption fits in ``width``."""
+    from PIL import Image, ImageDraw
+
+    lines = max(len(c) for c in captions)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    size = next((n for n in range(12, 5, -1)
+                 if max(measure.textlength(t, font=_font(n)) for c in captions for t in c) <= width - 4), 6)
+    font, step = _font(size), size + 3
+    strips = []
+    for caption in captions:
+        image = Image.new("RGB", (width, step * lines + 4), (32, 32, 32))
+        draw = ImageDraw.Draw(image)
+        for i, text in enumerate(caption):
+            draw.text((2, 2 + i * step), text, fill=(255, 255, 255), font=font)
+        strips.append(np.asarray(image))
+    return strips
+
+
+def write_turntables(frames: dict[tuple[str, str], dict[str, np.ndarray]], out: Path,
+                     captions: dict[tuple[str, str], dict[str, list[str]]] | None = None,
+                     min_side: int = 128) -> list[Path]:
     """One GIF per (guidance, scene): the methods side by side, truth first, enlarged (nearest
-    neighbour) to at least ``min_side`` pixels so small renders can be inspected."""
+    neighbour) to at least ``min_side`` pixels so small renders can be inspected, each panel under
+    its caption (default: the panel's name)."""
     import imageio.v3 as iio
 
     paths = []
-    for (guidance, scene), by_method in frames.items():
-        strips = np.concatenate(list(by_method.values()), axis=2)  # [V, H, W·methods, 3]
-        scale = max(1, -(-min_side // strips.shape[1]))
-        strips = strips.repeat(scale, axis=1).repeat(scale, axis=2)
+    for key, by_method in frames.items():
+        (guidance, scene), names = key, list(by_method)
+        panels = [by_method[n] for n in names]
+        scale = max(1, -(-min_side // panels[0].shape[1]))
+        panels = [p.repeat(scale, axis=1).repeat(scale, axis=2) for p in panels]
+        texts = [(captions or {}).get(key, {}).get(n, [n]) for n in names]
+        strips = caption_strips(texts, panels[0].shape[2])
+        labelled = [np.concatenate([np.broadcast_to(s, (len(p), *s.shape)), p], axis=1) for s, p in zip(strips, panels)]
         path = out / f"turntable_{guidance}_{scene}.gif"
-        iio.imwrite(path, strips, duration=80, loop=0)
+        iio.imwrite(path, np.concatenate(labelled, axis=2), duration=80, loop=0)  # [V, h + H, W·methods, 3]
         paths.append(path)
     return paths
 
@@ -351,30 +417,68 @@ def write_turntables(frames: dict[tuple[str, str], dict[str, np.ndarray]], out: 
 # ---------------------------------------------------------------------------------------------
 
 
-def run_study(settings: StudySettings, out: Path, progress: bool = True) -> dict[str, Any]:
-    from mvsdi.priors.loading import resolve_device
-    from mvsdi.testbed.scenes import get_scene, render_truth
-    from mvsdi.cameras import evaluation_cameras
+def check_settings(settings: StudySettings) -> None:
+    """Every bad setting is a ValueError here, before any work is done or any folder made."""
+    from mvsdi.testbed.scenes import get_scene
 
     for scene in settings.scenes:
-        get_scene(scene)  # unknown scene → error before any work
+        get_scene(scene)
+    if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
+        raise ValueError(f"the study's seeds must be distinct and at least one, got {list(settings.seeds)}")
     for m in METHODS:
         if settings.budget % m.views:
             raise ValueError(f"study budget {settings.budget} must be a multiple of every method's K (here {m.views})")
     if not all(0.0 <= f <= 1.0 for f in (*settings.fractions, *settings.variance_fractions)):
         raise ValueError("metric and variance fractions must lie in [0, 1] (fractions of the budget spent)")
+
+
+def _reporter(progress: bool, log: Callable[[dict[str, Any]], None] | None) -> Callable[[str], None]:
+    """Progress text to stdout (if ``progress``) and to ``log`` (a record per message, if given)."""
+    started = time.perf_counter()
+
+    def say(text: str) -> None:
+        if progress:
+            print(text, flush=True)
+        if log is not None:
+            log({"seconds": round(time.perf_counter() - started, 3), "message": text})
+
+    return say
+
+
+def run_study(settings: StudySettings, out: Path, progress: bool = True,
+              log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the study into the folder ``out`` (made if missing); progress lines go to stdout and ``log``."""
+    from mvsdi.cameras import evaluation_cameras
+    from mvsdi.priors.loading import resolve_device
+    from mvsdi.testbed.prior import default_cache_dir
+    from mvsdi.testbed.scenes import SCENES, get_scene, render_truth
+
+    check_settings(settings)
     device = resolve_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
-    prior = IdealDenoiserPrior(n_references=settings.references, image_size=settings.image_size, device=device)
-    results, variance = [], []
-    frames: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    say = _reporter(progress, log)
     started = time.perf_counter()
     cells = [(g, s, seed, m) for g in settings.guidances for s in settings.scenes for seed in settings.seeds for m in METHODS]
+    say(f"testbed study: {len(cells)} cells ({len(settings.guidances)} guidance × {len(settings.scenes)} scene × "
+        f"{len(settings.seeds)} seed × {len(METHODS)} methods), {settings.budget} guidance evaluations each, "
+        f"{settings.image_size}² renders, on {device}")
+    # the prior covers every registered scene: their union is the unconditional branch of guidance
+    say(f"building the ideal-denoiser prior: {settings.references} reference views of each of the {len(SCENES)} "
+        f"scenes at {settings.image_size}² (rendered once, then cached in {default_cache_dir()}) ...")
+    prior = IdealDenoiserPrior(n_references=settings.references, image_size=settings.image_size, device=device)
+    say(f"prior ready ({time.perf_counter() - started:.0f} s); measuring the initial field ...")
+    results, variance = [], []
+    frames: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    captions: dict[tuple[str, str], dict[str, list[str]]] = {}
     initial = {(scene, seed): initial_metrics(settings, prior, scene, seed, device)
                for scene in settings.scenes for seed in settings.seeds}
     for i, (guidance, scene, seed, method) in enumerate(cells):
         config = cell_config(settings, guidance, method, scene, seed)
         measures_variance = method == METHODS[0] and seed == settings.seeds[0]  # along the first K=1 run
+        if measures_variance:
+            say(f"[{i + 1}/{len(cells)}] {guidance} {scene} seed {seed} K1: training, and measuring the gradient "
+                f"variance of {len(METHODS)} methods at {', '.join(f'{f:g}' for f in settings.variance_fractions)} "
+                f"of the run ({settings.variance_repeats} draws each; the longest cell) ...")
         cell = run_cell(prior, config, settings.fractions, device,
                         settings.variance_fractions if measures_variance else ())
         rows = [dict(initial[(scene, seed)]), *cell.rows]
@@ -383,16 +487,14 @@ def run_study(settings: StudySettings, out: Path, progress: bool = True) -> dict
             truth = render_truth(get_scene(scene), evaluation_cameras(), settings.image_size)
             frames.setdefault((guidance, scene), {"truth": np.stack([to_uint8(x.permute(1, 2, 0)) for x in truth])})
             frames[(guidance, scene)][method.name] = cell.frames
+            captions.setdefault((guidance, scene), {"truth": ["truth", scene, f"{guidance}, seed {seed}"]})
+            captions[(guidance, scene)][method.name] = method_caption(method.name, rows[-1])
         if measures_variance:
             variance += variance_rows(settings, prior, guidance, scene, seed, cell.snapshots, device)
-        if progress:
-            last = rows[-1]
-            if measures_variance:
-                print(f"variance along the run of {guidance} {scene} K1: measured at fractions "
-                      f"{', '.join(f'{f:g}' for f in sorted(cell.snapshots))}", flush=True)
-            print(f"[{i + 1}/{len(cells)}] {guidance} {scene} seed {seed} {method.name}: "
-                  + ", ".join(f"{m} {last[m]:.3f}" for m in METRICS) + f" ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+        last = rows[-1]
+        say(f"[{i + 1}/{len(cells)}] {guidance} {scene} seed {seed} {method.name}: "
+            + ", ".join(f"{m} {last[m]:.3f}" for m in METRICS) + f" ({time.perf_counter() - started:.0f} s)")
+    say("writing tables, plots and turntables ...")
     table = summarise(results)
     atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())
     atomic_write_json(out / "variance.json", variance)
@@ -400,7 +502,7 @@ def run_study(settings: StudySettings, out: Path, progress: bool = True) -> dict
     atomic_write_bytes(out / "table.csv", table_csv(table).encode())
     plot_metric_vs_budget(results, out)
     plot_variance(variance, out)
-    write_turntables(frames, out)
+    write_turntables(frames, out, captions)
     meta = {"settings": dataclasses.asdict(settings), "seconds": time.perf_counter() - started,
             "machine": platform.platform(), "device": str(device),
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
