@@ -148,7 +148,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     field = Field(FieldConfig(**blob["config"]))
     field.load_state_dict(blob["state"])
     background = Background()
-    res, s = spec["resolution"], spec["samples_per_ray"]
+    res, s = spec["resolution"], spec["n_samples"]
     cameras = sample_views("random", spec["views"] + 1, torch.Generator().manual_seed(0))  # view 0: warm-up
     skipping, grid_ms = spec["renderer"] == "skipping", 0.0
     kw: dict[str, Any] = {}
@@ -280,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for res in args.resolutions:
         for renderer in RENDERERS:
-            spec = {"resolution": res, "renderer": renderer, "samples_per_ray": args.samples_per_ray,
+            spec = {"resolution": res, "renderer": renderer, "n_samples": args.samples_per_ray,
                     "views": args.views, "field": str(field_path), "chunk_samples": args.chunk_samples}
             if renderer not in args.renderers:
                 continue
             if renderer == "dense" and res > args.dense_max_resolution:
-                rows.append({**spec, "error": f"skipped (> --dense-max-resolution {args.dense_max_resolution})"})
+                rows.append({**spec, "error": f"skipped (> {args.dense_max_resolution}²)"})
                 continue
             rows.append(run_worker(spec, args.timeout))
             print(f"{res}² {renderer}: " + (f"{rows[-1]['ms_per_view']:,.0f} ms/view" if "ms_per_view" in rows[-1]

@@ -160,7 +160,7 @@ class Distiller:
         out = render(self.model.field, self.model.background, camera, c.resolution, c.resolution,
                      n_samples=c.samples_per_ray, shading=shading, perturb=c.perturb_samples,
                      generator=generator, need_normals=self.needs_normals(weights, shading),
-                     **self._skipping(self.training_grid()))
+                     **self.render_settings(self.training_grid()))
         if torch.is_grad_enabled():  # the renders that backward; a batched step's pre-renders are not counted
             self._render_tally[0] += out.stats["samples_per_ray"]
             self._render_tally[1] += 1
@@ -201,7 +201,8 @@ class Distiller:
             jitter = seeded_generator("cpu", c.seed, OCCUPANCY_STREAM, period)
             grid.refresh(density_function(self.model.field), period, jitter)
 
-    def _skipping(self, grid: OccupancyGrid | None) -> dict[str, Any]:
+    def render_settings(self, grid: OccupancyGrid | None) -> dict[str, Any]:
+        """The keyword arguments of ``render`` for this run's empty-space skipping with ``grid``."""
         r = self.config.render
         return {"occupancy": grid, "alpha_threshold": r.alpha_threshold,
                 "transmittance_threshold": r.transmittance_threshold, "chunk_samples": r.chunk_samples}
@@ -346,7 +347,7 @@ class Distiller:
         if grid is not None and not grid.ready:
             grid.initialise(density_function(self.model.field))
         return [render(self.model.field, self.model.background, cams[i].to(self.device), res, res,
-                       n_samples=c.samples_per_ray, shading="albedo", need_normals=True, **self._skipping(grid))
+                       n_samples=c.samples_per_ray, shading="albedo", need_normals=True, **self.render_settings(grid))
                 for i in range(len(cams))]
 
     def snapshot(self) -> dict[str, Any]:

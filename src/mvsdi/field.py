@@ -49,7 +49,7 @@ class FieldConfig:
     # "finite_difference": central differences of step normal_eps.
     normal_type: str = "analytic"
     normal_eps: float = 1e-2  # finite-difference step for normals (world units)
-    # Evaluate the field under torch.compile (default mode): ~20-40x faster on an H200 (DESIGN.md).
+    # Evaluate the field under torch.compile (default mode): ~20-40x faster on an H200 (docs/design.md).
     # "autograd" normals while training stay eager: aot_autograd has no double backward.
     compiled: bool = False
 

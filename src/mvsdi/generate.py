@@ -24,6 +24,7 @@ import torch
 import mvsdi
 from mvsdi.config import RunConfig
 from mvsdi.distill import Distiller, Model, TrainResult, train
+from mvsdi.memory import available_bytes, check_fits, estimate_view_memory, free_memory_override
 from mvsdi.priors.loading import load_prior, resolve_device
 from mvsdi.export import normal_image, turntable_panels, write_video
 from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, read_checkpoint
@@ -249,8 +250,11 @@ def _execute(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tra
         torch.cuda.reset_peak_memory_stats(device)
     model = Model.create(config, device)
     run.check_free_space(disk_space_needed(config, model))
-    run.write_config(config.to_dict())
     distiller = Distiller(config, prior, model, device)
+    # refused before anything is written or trained, rather than killed by the kernel mid-run
+    check_fits(estimate_view_memory(distiller), free_memory_override() or available_bytes(device),
+               config.resolution, config.samples_per_ray)
+    run.write_config(config.to_dict())
     resumed_at = None
     if start_state is not None:
         distiller.restore(start_state)
