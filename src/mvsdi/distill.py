@@ -188,6 +188,17 @@ class Distiller:
             self.occupancy.initialise(density_function(self.model.field), self._grid_period(fraction))
         return self.occupancy
 
+    def current_grid(self) -> OccupancyGrid | None:
+        """The training grid once training has built it; before that, one built from the field for
+        this use alone, so a render before the first step (evaluation, the memory probe) changes no
+        state of the run."""
+        if self.occupancy is not None and self.occupancy.ready:
+            return self.occupancy
+        grid = self._new_grid()
+        if grid is not None:
+            grid.initialise(density_function(self.model.field))
+        return grid
+
     def update_occupancy(self, fraction: float) -> None:
         """Before the step at ``fraction``: initialise the grid, or refresh it when a refresh period
         has begun since its last update. The jitter is keyed by the period, not the step, so runs
@@ -343,9 +354,7 @@ class Distiller:
         c = self.config
         cams = evaluation_cameras(n or c.eval_views)
         res = resolution or c.eval_resolution
-        grid = self.occupancy if self.occupancy is not None and self.occupancy.ready else self._new_grid()
-        if grid is not None and not grid.ready:
-            grid.initialise(density_function(self.model.field))
+        grid = self.current_grid()
         return [render(self.model.field, self.model.background, cams[i].to(self.device), res, res,
                        n_samples=c.samples_per_ray, shading="albedo", need_normals=True, **self.render_settings(grid))
                 for i in range(len(cams))]

@@ -78,7 +78,7 @@ def estimate_view_memory(distiller: Distiller) -> MemoryEstimate:
     out, render_bytes = saved_tensor_bytes(lambda: render(
         field, background, camera, side, side, n_samples=c.samples_per_ray, shading="diffuse", perturb=c.perturb_samples,
         generator=seeded_generator(device, c.seed, PROBE_STREAM), need_normals=True,
-        **distiller.render_settings(distiller.training_grid())))
+        **distiller.render_settings(distiller.current_grid())))
     image = out.rgb.detach().permute(0, 3, 1, 2).requires_grad_(True)
     evaluated = float(out.stats.get("samples_per_ray", c.samples_per_ray))
     del out  # frees the probe's graph
