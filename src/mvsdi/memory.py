@@ -32,8 +32,10 @@ from mvsdi.cameras import sample_views
 from mvsdi.distill import Distiller, seeded_generator
 from mvsdi.render import render
 
-# backward holds the gradient of the activations it is passing through beside the saved tensors;
-# measured peak / saved bytes was 1.2-1.4 for a training view on the CPU (docs/performance.md)
+# backward holds the gradient of the activations it is passing through beside the saved tensors.
+# The estimate errs on the safe side: for the tiny stack at 512² (mvsdi-k2, budget 8) it says
+# 5.2 GiB where the whole process peaked far lower (docs/performance.md), partly because a saved
+# view is charged its whole storage.
 BACKWARD_MARGIN = 1.5
 PROBE_RESOLUTION = 64  # side of the probe render: large enough that fixed costs do not dominate
 PROBE_STREAM = 2**31 + 2  # the probe's camera comes from its own generator: the run's streams are untouched
