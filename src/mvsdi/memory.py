@@ -34,7 +34,7 @@ from mvsdi.render import render
 
 # backward holds the gradient of the activations it is passing through beside the saved tensors.
 # The estimate errs on the safe side: for the tiny stack at 512² (mvsdi-k2, budget 8) it says
-# 5.2 GiB where the whole process peaked far lower (docs/performance.md), partly because a saved
+# 5.2 GiB where the whole process peaked at 2.0 GB (docs/performance.md), partly because a saved
 # view is charged its whole storage.
 BACKWARD_MARGIN = 1.5
 PROBE_RESOLUTION = 64  # side of the probe render: large enough that fixed costs do not dominate
