@@ -551,11 +551,7 @@ def run_speed_subprocess(session: Session, row: dict[str, Any], timeout: float) 
            "--field", session.section("setup").get("field", "small"), "--out", str(out)]
     result = run_bounded(cmd, timeout, out / "log.txt", session.env)
     row["child_seconds"] = result["seconds"]
-    if result["timed_out"]:
-        row["status"] = f"skipped: time (stopped at the deadline after {result['seconds']:.0f} s)"
-    elif result["returncode"] != 0:
-        row["status"], row["output_tail"] = failed("speed.py", result)
-    else:
+    if not child_failed(row, "speed.py", result):
         measured = json.loads((out / "speed.json").read_text())["rows"][0]
         row.update({k: v for k, v in measured.items() if k not in ("guidance", "views", "resolution", "targets")})
         # the SDI presets use Perp-Neg, the SDS ones do not
@@ -587,6 +583,17 @@ def run_bounded(cmd: list[str], timeout: float, log_path: Path, env: dict[str, s
     tail = log_path.read_text(errors="replace")[-4000:]
     return {"returncode": proc.returncode, "timed_out": timed_out, "seconds": time.perf_counter() - began,
             "tail": tail}
+
+
+def child_failed(record: dict[str, Any], what: str, result: dict[str, Any]) -> bool:
+    """Record a child that timed out or failed in ``record`` (status, output tail); True if it did."""
+    if result["timed_out"]:
+        record["status"] = f"skipped: time (stopped at the deadline after {result['seconds']:.0f} s)"
+    elif result["returncode"] != 0:
+        record["status"], record["output_tail"] = failed(what, result)
+    else:
+        return False
+    return True
 
 
 def failed(what: str, result: dict[str, Any]) -> tuple[str, str]:
@@ -653,11 +660,7 @@ def generate_run(session: Session, run: dict[str, Any]) -> None:
             eval_resolution=min(64, run["resolution"]), tensorboard=False)
         result = run_bounded(cmd, left, session.out / "generate" / f"k{run['views']}.log", session.env)
         run.update(command=" ".join(cmd[1:]), wall_seconds=result["seconds"])
-        if result["timed_out"]:
-            run["status"] = f"skipped: time (stopped at the deadline after {result['seconds']:.0f} s)"
-        elif result["returncode"] != 0:
-            run["status"], run["output_tail"] = failed("mvsdi generate", result)
-        else:
+        if not child_failed(run, "mvsdi generate", result):
             run.update(session.genk.summary_row(out), status="measured")
             note_overhead(session, result["seconds"] - run["train_seconds"] - (run["evaluation_seconds"] or 0.0))
     except Exception as exc:  # noqa: BLE001 - a bad summary must not lose the other K
@@ -684,11 +687,7 @@ def testbed_section(session: Session, rec: dict) -> None:
         out = session.out / "testbed"
         result = run_bounded(testbed_command(session, out), left, session.out / "testbed.log", session.env)
         rec["wall_seconds"] = result["seconds"]
-        if result["timed_out"]:
-            rec["status"] = f"skipped: time (stopped at the deadline after {result['seconds']:.0f} s)"
-        elif result["returncode"] != 0:
-            rec["status"], rec["output_tail"] = failed("mvsdi testbed", result)
-        else:
+        if not child_failed(rec, "mvsdi testbed", result):
             rec["table"] = (out / "table.md").read_text()
     log(f"testbed ({rec['setting']}): {rec['status'] if rec['status'] != 'running' else 'done'}")
 

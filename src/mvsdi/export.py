@@ -20,6 +20,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,16 +220,26 @@ def turntable_frames(model, config, frames: int, resolution: int, device: torch.
     check_positive("resolution", resolution)
     cameras = evaluation_cameras(frames)
     with torch.no_grad():  # one view at a time; only its images are kept, on the CPU
-        outs = [images_on_cpu(render(model.field, model.background, cameras[i].to(device), resolution, resolution,
+        outs = [ImageMaps.of(render(model.field, model.background, cameras[i].to(device), resolution, resolution,
                                      n_samples=config.samples_per_ray, shading="albedo", need_normals=True))
                 for i in range(frames)]
     return turntable_panels(outs)
 
 
-def images_on_cpu(out):
-    """The image maps of a ``RenderOutput`` moved to the CPU (the per-view penalties are dropped)."""
-    return dataclasses.replace(out, rgb=out.rgb.cpu(), opacity=out.opacity.cpu(), depth=out.depth.cpu(),
-                               normal=out.normal.cpu(), orientation=None, z_variance=None)
+@dataclasses.dataclass(frozen=True)
+class ImageMaps:
+    """The image maps of one render, [1, H, W, C] each, detached and on the CPU: all that validation
+    and the outputs read. Whatever else a ``RenderOutput`` carries (per-view penalties, statistics of
+    its sampling) is left behind, so changes to the renderer's extras cannot break image writing."""
+
+    rgb: torch.Tensor
+    opacity: torch.Tensor
+    depth: torch.Tensor
+    normal: torch.Tensor
+
+    @classmethod
+    def of(cls, out: Any) -> "ImageMaps":
+        return cls(*(getattr(out, name).detach().cpu() for name in ("rgb", "opacity", "depth", "normal")))
 
 
 def video_bytes(frames: list[np.ndarray], fmt: str, fps: int = DEFAULT_FPS) -> bytes:

@@ -26,7 +26,7 @@ from mvsdi.config import RunConfig
 from mvsdi.distill import Distiller, Model, TrainResult, train
 from mvsdi.memory import available_bytes, check_fits, estimate_view_memory, free_memory_override
 from mvsdi.priors.loading import load_prior, resolve_device
-from mvsdi.export import normal_image, turntable_panels, write_video
+from mvsdi.export import ImageMaps, normal_image, turntable_panels, write_video
 from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, read_checkpoint
 from mvsdi.tracking import Tracker, check_wandb_available
 
@@ -143,22 +143,6 @@ def collapse_kind(opacity: torch.Tensor) -> str | None:
     if bool((per_view > SATURATED_OPACITY).all()):
         return "saturated"
     return None
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageMaps:
-    """The image maps of one render, [1, H, W, C] each, detached and on the CPU: all that validation
-    and the outputs read. Whatever else a ``RenderOutput`` carries (per-view penalties, statistics of
-    its sampling) is left behind, so changes to the renderer's extras cannot break image writing."""
-
-    rgb: torch.Tensor
-    opacity: torch.Tensor
-    depth: torch.Tensor
-    normal: torch.Tensor
-
-    @classmethod
-    def of(cls, out: Any) -> "ImageMaps":
-        return cls(*(getattr(out, name).detach().cpu() for name in ("rgb", "opacity", "depth", "normal")))
 
 
 def view_panel(out: ImageMaps) -> torch.Tensor:
