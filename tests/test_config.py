@@ -35,3 +35,26 @@ def test_renders_smaller_than_8_pixels_are_refused_with_the_smallest_valid_size(
             preset("sdi", "x", **{field: bad})
     for good in (8, 12, 33):  # not only multiples of 8: the prior resizes every render to its own input
         assert getattr(preset("sdi", "x", **{field: good}), field) == good
+
+
+def test_the_papers_table_is_a_set_of_presets():
+    rows = {"sdi": (1, "random", "mean"), "mvsdi-k2-uniform": (2, "stratified", "mean"),
+            "mvsdi-k2": (2, "antipodal", "mean"), "mvsdi-k4": (4, "antipodal", "mean"),
+            "mvsdi-k4-mixed": (4, "mixed", "mean"), "mvsdi-k6-octa": (6, "octahedral", "mean"),
+            "cw-mvsdi-k2": (2, "antipodal", "consensus")}
+    for name, row in rows.items():
+        config = preset(name, "x")
+        assert (config.views, config.sampler, config.aggregation.kind) == row
+        assert config.guidance.kind == "sdi" and config.prompts.perp_neg
+    assert preset("mvsdi-k6-octa", "x").cameras.elevation_deg == (-30.0, 60.0)
+    assert preset("mvsdi-k6-octa", "x").steps == 1666
+
+
+def test_generate_help_says_what_each_preset_is(capsys):
+    from mvsdi.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    for name, (description, _) in PRESETS.items():
+        assert f"{name} {description}" in lines

@@ -128,3 +128,17 @@ def test_a_non_finite_step_is_skipped_and_counted(prior, monkeypatch):
     assert not second["skipped"] and second["guidance_evaluations"] == 2
     assert all(torch.isfinite(p).all() for p in distiller.model.field.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, distiller.model.field.parameters()))
+
+
+def test_sdi_without_its_anneal_never_batches_views(prior):
+    """Views of different t cannot share one inversion grid, so the batched fast path must not run."""
+    import dataclasses
+
+    from mvsdi.guidance import SDIConfig
+
+    config = small("mvsdi-k2", view_batching="batched", budget=4)
+    assert Distiller(config, prior, Model.create(config, CPU), CPU).batches_views()
+    uniform_t = dataclasses.replace(config, guidance=SDIConfig(t_anneal=False))
+    distiller = Distiller(uniform_t, prior, Model.create(uniform_t, CPU), CPU)
+    assert not distiller.batches_views()
+    assert len(set(distiller.step()["t"])) == 2  # each view drew its own t

@@ -57,3 +57,60 @@ def test_shading_phase_and_probabilities():
     assert p["albedo"] == pytest.approx(0.7, abs=0.015)
     assert p["textureless"] == pytest.approx(0.225, abs=0.015)
     assert p["diffuse"] == pytest.approx(0.075, abs=0.01)
+
+
+# --- the reference's step-counted schedules (--schedule reference) ---------------------------------
+
+from mvsdi.config import preset, with_schedule  # noqa: E402
+from mvsdi.schedules import REFERENCE_STEP_SCHEDULES, reference_schedules  # noqa: E402
+
+
+@pytest.mark.parametrize("name,k,final_t,levels_at_end,ambient,sparsity_off,convexity_low", [
+    ("sdi", 1, 250, 16, 0.10, 0.30, 0.40),
+    ("mvsdi-k2", 2, 615, 13, 0.20, 0.60, 0.80),
+    ("mvsdi-k4", 4, 797, 16, 0.10, 0.60, 0.80),
+    ("mvsdi-k6-octa", 6, 858, 16, 0.10, 0.60, 0.80),
+])
+def test_reference_schedules_reproduce_the_reference_table(name, k, final_t, levels_at_end, ambient, sparsity_off,
+                                                           convexity_low):
+    """../shared/DESIGN.md's table: what the reference's K-view configs do over their own steps."""
+    config = with_schedule(preset(name, "x"), "reference")
+    steps, sched = config.steps, config.schedules
+    last = fraction_spent(steps - 1, k, config.budget)
+    g = torch.Generator().manual_seed(0)
+    assert abs(timestep(config.guidance, last, g, 1000) - final_t) <= 1
+    assert sched.levels(last, 16) == levels_at_end
+    fraction_of_run = lambda s: fraction_spent(s, k, config.budget)  # noqa: E731
+    # albedo only while step < ambient_only_steps; the ramps end at their step counts
+    assert sched.shading.ambient_only_until == pytest.approx(fraction_of_run(round(ambient * steps)), abs=1e-3)
+    assert sched.weights.sparsity(fraction_of_run(round(sparsity_off * steps))) == pytest.approx(0.0, abs=1e-3)
+    assert sched.weights.convexity(fraction_of_run(round(convexity_low * steps))) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_reference_levels_step_exactly_at_the_configs_step_counts():
+    k = 4
+    start, every = REFERENCE_STEP_SCHEDULES[k][:2]
+    levels = reference_schedules(k).levels
+    f = lambda s: fraction_spent(s, k, 10_000)  # noqa: E731
+    assert [levels(f(s), 16) for s in (start - 1, start, start + every - 1, start + every)] == [8, 8, 8, 9]
+
+
+def test_budget_schedules_stay_the_default_and_the_reference_refuses_k_it_has_no_config_for():
+    assert preset("mvsdi-k2", "x").schedules == Schedules()
+    with pytest.raises(ValueError, match="K = 1, 2, 4, 6, 8 only"):
+        with_schedule(preset("mvsdi-k2", "x", views=3, budget=9999), "reference")
+
+
+def test_a_reference_config_whose_k_changed_is_refused():
+    import dataclasses
+
+    config = with_schedule(preset("mvsdi-k2", "x"), "reference")
+    with pytest.raises(ValueError, match="not the reference's for K=4"):
+        dataclasses.replace(config, views=4)
+    assert preset("mvsdi-k2", "x", views=4, schedule="reference").schedules == reference_schedules(4)
+
+
+def test_sdi_without_anneal_draws_t_uniformly_per_view():
+    cfg = SDIConfig(t_anneal=False)
+    ts = {timestep(cfg, 0.5, torch.Generator().manual_seed(i), 1000) for i in range(200)}
+    assert min(ts) >= 250 and max(ts) <= 980 and len(ts) > 100

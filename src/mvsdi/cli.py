@@ -13,7 +13,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import mvsdi
 from mvsdi.cameras import SAMPLERS
-from mvsdi.config import DEFAULT_BUDGET, MIN_RESOLUTION, PRESETS, VIEW_BATCHING, preset
+from mvsdi.aggregation import AGGREGATIONS
+from mvsdi.config import DEFAULT_BUDGET, MIN_RESOLUTION, PRESETS, VIEW_BATCHING, RunConfig, preset, with_schedule
+from mvsdi.overrides import apply_all, parse_assignment
+from mvsdi.schedules import SCHEDULE_MODES, Ramp
 from mvsdi.priors.stable_diffusion import FAST_UNET_MODES
 
 DEFAULT_PRESET = "mvsdi-k2"
@@ -29,7 +32,15 @@ def _sampler_rules() -> str:
     return "\n".join(f"  {name:<{width}}{sampler.rule}" for name, sampler in SAMPLERS.items())
 
 
+def _preset_lines() -> str:
+    width = max(map(len, PRESETS)) + 2
+    return "\n".join(f"  {name:<{width}}{description}" for name, (description, _) in PRESETS.items())
+
+
 GENERATE_EPILOG = f"""\
+presets (--preset; [the MV-SDI reference config each reproduces]):
+{_preset_lines()}
+
 models (--model):
   a diffusers folder or hub id; 'tiny' or 'random-sd21' build random-weight stacks in code (no
   download: for tests and speed measurements); 'ideal' or 'ideal:N' is no network but the exact
@@ -67,8 +78,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                                    "Options left out take the preset's value.",
                        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the text prompt, e.g. \"a ripe strawberry\" (not needed with --resume)")
-    p.add_argument("--preset", help=f"default {DEFAULT_PRESET}; one of: "
-                   + "; ".join(f"{k} ({v[0]})" for k, v in PRESETS.items()))
+    p.add_argument("--preset", metavar="PRESET",
+                   help=f"the method, one of the presets listed below (default {DEFAULT_PRESET})")
     p.add_argument("--views", "-k", type=int, help="K, views (guidance evaluations) per optimiser step; "
                    "each sampler accepts only some K (below)")
     p.add_argument("--sampler", choices=list(SAMPLERS), help="how the K views of a step are drawn (K rules below)")
@@ -94,6 +105,28 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast-unet", choices=FAST_UNET_MODES,
                    help="run the UNet under torch.compile or CUDA graphs (default off; see docs/performance.md)")
     p.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints (preset: 1000)")
+    method = p.add_argument_group("method (the reference's knobs; --set reaches every other field of config.json)")
+    method.add_argument("--aggregation", choices=AGGREGATIONS,
+                        help="how the K per-view gradients become one: mean (MV-SDI) or consensus (CW-MV-SDI: "
+                             "weights by agreement; keeps K gradient copies) (preset: mean)")
+    method.add_argument("--schedule", choices=SCHEDULE_MODES,
+                        help="budget: schedules in fractions of the budget, the same for every K (default); "
+                             "reference: the MV-SDI reference's step-counted schedules for this K (K = 1, 2, 4, 6, 8)")
+    method.add_argument("--elevation-range", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="training camera elevations in degrees (preset: -10 45)")
+    method.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (preset: SDI 7.5, SDS 100)")
+    method.add_argument("--inversion-guidance-scale", type=float,
+                        help="SDI: guidance scale of the DDIM inversion (preset: -7.5)")
+    method.add_argument("--no-t-anneal", action="store_true",
+                        help="SDI: draw t uniformly in [0.25, 0.98]·T per view instead of annealing it")
+    method.add_argument("--negative-prompt", help="the unconditional text of classifier-free guidance (preset: empty)")
+    method.add_argument("--tv-weight", type=float,
+                        help="weight of the total variation of the RGB renders (the reference's lambda_tv; preset: 0)")
+    method.add_argument("--tv-warmup", type=float, default=0.0, metavar="FRACTION",
+                        help="with --tv-weight: ramp the weight up from 0 over this fraction of the budget (default 0)")
+    method.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="settings",
+                        help="set any field of the run's config by its dotted path in config.json, e.g. "
+                             "--set guidance.delta_max=50 --set optim.lr=0.005 (repeatable)")
     p.add_argument("--resume", type=Path, metavar="RUN",
                    help="continue the stopped or killed run RUN from its last checkpoint; other options must "
                         "match the run's config (or pass --force)")
@@ -112,18 +145,42 @@ OUT_OF_MEMORY = (
     "a time, so peak memory does not grow with K.")
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """The nested settings the method flags and --set ask for, as dotted paths of the config."""
+    flags = {"guidance.guidance_scale": args.guidance_scale,
+             "guidance.inversion_guidance_scale": args.inversion_guidance_scale,
+             "guidance.t_anneal": False if args.no_t_anneal else None,
+             "cameras.elevation_deg": tuple(args.elevation_range) if args.elevation_range else None,
+             "prompts.negative_prompt": args.negative_prompt,
+             "aggregation.kind": args.aggregation,
+             "schedules.weights.tv": Ramp(0.0, args.tv_weight, 0.0, args.tv_warmup) if args.tv_weight else None}
+    settings = {path: value for path, value in flags.items() if value is not None}
+    settings.update(parse_assignment(text) for text in args.settings)
+    return settings
+
+
+def configure(args: argparse.Namespace) -> RunConfig:
+    """The run's config: the preset, then the top-level options, the nested settings, the schedule."""
+    config = preset(args.preset or DEFAULT_PRESET, args.prompt, **_overrides(args))
+    config = apply_all(config, _settings(args))
+    return with_schedule(config, args.schedule) if args.schedule else config
+
+
 def _target(args: argparse.Namespace):
     """(config or None with --resume, the run's folder): every check that needs no model."""
     if args.resume:
         if args.prompt is not None or args.preset is not None or args.out is not None or args.overwrite:
             raise ValueError("with --resume the prompt, preset and output directory come from the run RUN; "
                              "give none of prompt, --preset, --out, --overwrite")
+        if _settings(args) or args.schedule:
+            raise ValueError("with --resume the method comes from the run RUN's config.json; the method options "
+                             "and --set would change it: start a new run with them instead")
         return None, args.resume
     if args.prompt is None:
         raise ValueError("give a prompt, e.g. mvsdi generate \"a ripe strawberry\" (or --resume RUN)")
     if args.force:
         raise ValueError("--force only applies to --resume")
-    config = preset(args.preset or DEFAULT_PRESET, args.prompt, **_overrides(args))
+    config = configure(args)
     from mvsdi.priors.loading import resolve_device
     from mvsdi.rundir import prompt_slug
 

@@ -11,13 +11,15 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from mvsdi.aggregation import AggregationConfig
 from mvsdi.cameras import CameraRanges, check_sampler
 from mvsdi.field import FieldConfig
 from mvsdi.guidance import GuidanceConfig, SDIConfig, SDSConfig
 from mvsdi.priors.prompts import PromptConfig
 from mvsdi.priors.stable_diffusion import DEFAULT_MODEL, FAST_UNET_MODES
 from mvsdi.render import RenderConfig
-from mvsdi.schedules import LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule, steps_for_budget
+from mvsdi.schedules import (SCHEDULE_MODES, LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule,
+                             reference_schedules, steps_for_budget)
 
 DEFAULT_BUDGET = 10_000
 VIEW_BATCHING = ("auto", "batched", "sequential")
@@ -60,6 +62,11 @@ class RunConfig:
     cameras: CameraRanges = dataclasses.field(default_factory=CameraRanges)
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     schedules: Schedules = dataclasses.field(default_factory=Schedules)
+    # "budget": schedules in fractions of the budget, the same for every K; "reference": the MV-SDI
+    # reference's step-counted schedules for this K (``with_schedule``), to reproduce its numbers
+    schedule: str = "budget"
+    # how the K per-view gradients become one: "mean" (MV-SDI) or "consensus" (CW-MV-SDI)
+    aggregation: AggregationConfig = dataclasses.field(default_factory=AggregationConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     # empty-space skipping and early ray termination (the reference's); render.DENSE renders every sample
     render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
@@ -84,10 +91,20 @@ class RunConfig:
         for name in ("samples_per_ray", "eval_views", "checkpoint_every", "max_consecutive_skips", "max_rollbacks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_schedule()
         for name in ("resolution", "eval_resolution"):
             if getattr(self, name) < MIN_RESOLUTION:
                 raise ValueError(f"{name} must be >= {MIN_RESOLUTION} pixels a side, got {getattr(self, name)}: "
                                  f"{RESOLUTION_REASON}")
+
+    def _check_schedule(self) -> None:
+        if self.schedule not in SCHEDULE_MODES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {self.schedule!r}")
+        if self.schedule == "reference":
+            span = getattr(self.guidance, "t_anneal_span", float(self.views))
+            if self.schedules != reference_schedules(self.views, self.schedules) or span != self.views:
+                raise ValueError(f"schedule 'reference' but the schedules are not the reference's for K={self.views}: "
+                                 "derive them with config.with_schedule(config, 'reference') after changing K")
 
     @property
     def steps(self) -> int:
@@ -101,6 +118,19 @@ class RunConfig:
         return _build(cls, data)
 
 
+def with_schedule(config: RunConfig, mode: str) -> RunConfig:
+    """``config`` with the schedules of ``mode``: "reference" derives the MV-SDI reference's schedules
+    for the config's K (and SDI's t-anneal over K budget fractions); "budget" restores the defaults."""
+    if mode == "reference":
+        schedules, span = reference_schedules(config.views, config.schedules), float(config.views)
+    elif mode == "budget":
+        schedules, span = Schedules(weights=dataclasses.replace(LossWeights(), tv=config.schedules.weights.tv)), 1.0
+    else:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {mode!r}")
+    guidance = dataclasses.replace(config.guidance, t_anneal_span=span) if config.guidance.kind == "sdi" else config.guidance
+    return dataclasses.replace(config, schedule=mode, schedules=schedules, guidance=guidance)
+
+
 # --------------------------------------------------------------------------------------------
 # presets
 
@@ -112,36 +142,60 @@ def _sds(prompt: str, views: int, sampler: str, name: str) -> RunConfig:
                      prompts=VIEW_PROMPTS_ONLY)
 
 
-def _sdi(prompt: str, views: int, sampler: str, name: str) -> RunConfig:
+def _sdi(prompt: str, views: int, sampler: str, name: str, **settings: Any) -> RunConfig:
     return RunConfig(prompt=prompt, preset=name, guidance=SDIConfig(), views=views, sampler=sampler,
-                     prompts=PromptConfig(view_dependent=True, perp_neg=True))
+                     prompts=PromptConfig(view_dependent=True, perp_neg=True), **settings)
 
 
+# the reference's moderate octahedral config (mvsd-octa6-moderate): extremes at -30° and 60°
+OCTAHEDRAL_CAMERAS = CameraRanges(elevation_deg=(-30.0, 60.0))
+OCTAHEDRAL_BUDGET = 9_996  # 6 does not divide 10,000; the reference runs 1,666 steps
+CONSENSUS = AggregationConfig(kind="consensus")
+
+# The paper's table (SDI rows, with the reference config each reproduces), then the SDS variants.
 PRESETS: dict[str, tuple[str, Callable[[str], RunConfig]]] = {
+    "sdi": ("SDI baseline (inverted noise, Perp-Neg), K=1 random view per step [configs/sdi.yaml]",
+            lambda p: _sdi(p, 1, "random", "sdi")),
+    "mvsdi-k2-uniform": ("MV-SDI K=2, stratified azimuths (the paper's 'uniform' row) [mvsd.yaml]",
+                         lambda p: _sdi(p, 2, "stratified", "mvsdi-k2-uniform")),
+    "mvsdi-k2": ("MV-SDI K=2 antithetic antipodal pair, the headline [mvsd-anti2.yaml]",
+                 lambda p: _sdi(p, 2, "antipodal", "mvsdi-k2")),
+    "mvsdi-k4": ("MV-SDI K=4, two antipodal pairs [mvsd-anti4.yaml]", lambda p: _sdi(p, 4, "antipodal", "mvsdi-k4")),
+    "mvsdi-k4-mixed": ("MV-SDI K=4, an antipodal pair plus a top/bottom pair [mvsd-mixed4.yaml]",
+                       lambda p: _sdi(p, 4, "mixed", "mvsdi-k4-mixed")),
+    "mvsdi-k6-octa": ("MV-SDI K=6 octahedral: four azimuths 90° apart at elevation 0, elevations -30° and 60° "
+                      "[mvsd-octa6-moderate.yaml]",
+                      lambda p: _sdi(p, 6, "octahedral", "mvsdi-k6-octa", cameras=OCTAHEDRAL_CAMERAS,
+                                     budget=OCTAHEDRAL_BUDGET)),
+    "mvsdi-k8": ("MV-SDI K=8, four antipodal pairs [mvsd-anti8.yaml]", lambda p: _sdi(p, 8, "antipodal", "mvsdi-k8")),
+    "cw-mvsdi-k2": ("CW-MV-SDI K=2: antipodal pair, views weighted by their consensus [mvsd-anti2-cw.yaml]",
+                    lambda p: _sdi(p, 2, "antipodal", "cw-mvsdi-k2", aggregation=CONSENSUS)),
     "sds": ("DreamFusion SDS, one random view per step", lambda p: _sds(p, 1, "random", "sds")),
-    "sdi": ("SDI (inverted noise, Perp-Neg), one random view per step", lambda p: _sdi(p, 1, "random", "sdi")),
-    "mvsdi-k2": ("MV-SDI: SDI with K=2 antipodal views per step", lambda p: _sdi(p, 2, "antipodal", "mvsdi-k2")),
-    "mvsdi-k4": ("MV-SDI: SDI with K=4 views (two antipodal pairs) per step", lambda p: _sdi(p, 4, "antipodal", "mvsdi-k4")),
     "mvsds-k2": ("SDS with K=2 antipodal views per step", lambda p: _sds(p, 2, "antipodal", "mvsds-k2")),
     "mvsds-k4": ("SDS with K=4 views (two antipodal pairs) per step", lambda p: _sds(p, 4, "antipodal", "mvsds-k4")),
 }
 
 
 def preset(name: str, prompt: str, **overrides: Any) -> RunConfig:
-    """The preset ``name`` for ``prompt`` with top-level fields replaced by ``overrides``."""
+    """The preset ``name`` for ``prompt`` with top-level fields replaced by ``overrides``.
+
+    ``schedule="reference"`` derives the reference's schedules for the final K (after overrides).
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     # Build with a stand-in prompt, then replace: the replace re-runs validation on the real
     # prompt and the overrides together, so an empty prompt gets the prompt's error message.
     base = PRESETS[name][1]("stand-in")
-    return dataclasses.replace(base, prompt=prompt, **{k: v for k, v in overrides.items() if v is not None})
+    schedule = overrides.pop("schedule", None) or base.schedule
+    config = dataclasses.replace(base, prompt=prompt, **{k: v for k, v in overrides.items() if v is not None})
+    return with_schedule(config, schedule) if schedule != config.schedule else config
 
 
 # --------------------------------------------------------------------------------------------
 # reading a config back from JSON
 
 _NESTED = {"prompts": PromptConfig, "cameras": CameraRanges, "field": FieldConfig, "optim": OptimConfig,
-           "render": RenderConfig}
+           "render": RenderConfig, "aggregation": AggregationConfig}
 _SCHEDULES = {"levels": LevelSchedule, "shading": ShadingSchedule, "weights": LossWeights}
 
 

@@ -6,7 +6,10 @@ One step (``Distiller.step``) is the paper's update:
     → loss_k / K → backward → free; then one optimiser step.
 
 Gradients of the K views accumulate in the parameters' ``.grad``, so peak memory is that of one
-view whatever K is, and the update equals the gradient of the mean loss over the K views.
+view whatever K is, and the update equals the gradient of the mean loss over the K views. The
+aggregation is an estimator of its own (``mvsdi.aggregation``: the mean, or CW-MV-SDI's consensus
+weights), and the guidance targets come from one of two interchangeable sources (each view in its
+own pass, or all K from one batched prior pass).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mvsdi.aggregation import ConsensusWeighting, mean_gradient
 from mvsdi.cameras import Cameras, evaluation_cameras, sample_views
 from mvsdi.config import RunConfig
 from mvsdi.field import Background, Field
 from mvsdi.guidance import guidance_loss, guidance_target, timestep
 from mvsdi.priors.base import DiffusionPrior
 from mvsdi.priors.prompts import PromptConditioning
-from mvsdi.regularisers import convexity, opacity_entropy, sparsity
+from mvsdi.regularisers import convexity, opacity_entropy, sparsity, total_variation
 from mvsdi.occupancy import OccupancyGrid, density_function, density_threshold_for
 from mvsdi.render import RenderOutput, render
 from mvsdi.schedules import fraction_spent
@@ -131,7 +135,27 @@ def view_losses(out: RenderOutput, cameras: Cameras, weights: dict[str, float],
         terms["convexity"] = weights["convexity"] * convexity(out.normal, out.opacity, cameras).sum()
     if weights["z_variance"] > 0:
         terms["z_variance"] = weights["z_variance"] * out.z_variance.sum()
+    if weights["tv"] > 0:
+        terms["tv"] = weights["tv"] * total_variation(out.rgb).sum()
     return terms
+
+
+@dataclass
+class StepViews:
+    """What a step draws for its K views before rendering: cameras, shading, t, one generator each."""
+
+    cameras: Cameras
+    shadings: list[str]
+    ts: list[int]
+    generators: list[torch.Generator]
+
+
+@dataclass
+class ViewTargets:
+    """Per view: its latents → its guidance target, and the generator its graph render draws from."""
+
+    of_latents: list[Callable[[torch.Tensor], torch.Tensor]]
+    generators: list[torch.Generator]
 
 
 @dataclass
@@ -145,10 +169,17 @@ class Distiller:
     counters: Counters = field(default_factory=Counters)
     # the training renders' occupancy grid (``config.render``); built and updated by ``step``
     occupancy: OccupancyGrid | None = field(default=None, init=False)
+    consensus: ConsensusWeighting | None = field(default=None, init=False)  # CW-MV-SDI's weights, if chosen
     _render_tally: list[float] = field(default_factory=lambda: [0.0, 0.0], init=False)  # samples/ray sum, views
 
     def __post_init__(self) -> None:
         self.optimizer = self.model.optimizer(self.config)
+        aggregation = self.config.aggregation
+        if aggregation.kind == "consensus":
+            self.consensus = ConsensusWeighting(aggregation).to(self.device)
+            if self.consensus.trained():  # τ in its own Adam group, as in the reference
+                self.optimizer.add_param_group({"params": self.consensus.trained(), "lr": aggregation.tau_lr,
+                                                "name": "consensus"})
         self.conditioning = PromptConditioning(self.prior, self.config.prompt, self.config.prompts)
 
     def needs_normals(self, weights: dict[str, float], shading: str) -> bool:
@@ -225,76 +256,95 @@ class Distiller:
             self.occupancy.load_state_dict(state)
 
     def accumulate_gradients(self, fraction: float, key: tuple[int, ...]) -> dict[str, Any]:
-        """Sample K views and backward each view's loss / K into the parameters' ``.grad``.
+        """The step's gradient, left in the parameters' ``.grad``: K views, aggregated.
 
         All randomness comes from generators seeded by ``key`` (the step's) and ``key + (k,)``
-        (view k's). Returns the mean loss terms, the views' t and their shadings.
-
-        With ``batches_views()`` the K guidance targets come from one batched prior pass (see
-        ``_batched_targets``); the gradient is the sequential one up to float rounding.
+        (view k's). Returns the mean loss terms, the views' t, their shadings and the aggregation's
+        log values (CW-MV-SDI's weights).
         """
         c = self.config
         self.model.field.set_active_levels(c.schedules.levels(fraction, c.field.n_levels))
-        step_rng = seeded_generator("cpu", *key)
-        cameras = sample_views(c.sampler, c.views, step_rng, c.cameras).to(self.device)
+        views = self._draw_views(fraction, key)
         weights = c.schedules.weights.at(fraction)
+        targets = self._batched_targets(views, weights) if self.batches_views() else self._sequential_targets(views)
+        terms: list[dict[str, torch.Tensor]] = []
+
+        def loss_of(k: int) -> torch.Tensor:
+            """View k's whole loss with its graph: render → encode → guidance target → loss terms."""
+            out = self.render_view(views.cameras[k], views.shadings[k], targets.generators[k], weights)
+            latents = self.prior.encode_images(out.rgb.permute(0, 3, 1, 2))
+            view_terms = view_losses(out, views.cameras[k], weights,
+                                     guidance_loss(c.guidance, latents, targets.of_latents[k](latents)))
+            terms.append({name: value.detach() for name, value in view_terms.items()})
+            return sum(view_terms.values())
+
         self.optimizer.zero_grad(set_to_none=True)
-        # Each view draws its shading, then its t, from its own generator; render and guidance
-        # draw from it next, so the order of views (or batching them) changes no random number.
-        rngs = [seeded_generator(self.device, *key, k) for k in range(c.views)]
-        shadings = [c.schedules.shading(fraction, g) for g in rngs]
-        ts = [timestep(c.guidance, fraction, g, self.prior.num_train_timesteps) for g in rngs]
-        if self.batches_views():
-            replays = [self._copy_generator(g) for g in rngs]  # the render's randomness, replayed with a graph
-            targets = self._batched_targets(cameras, shadings, ts, rngs, weights)
-            target_of = [lambda z, k=k: targets[k:k + 1] for k in range(c.views)]
-            rngs = replays
+        loss_of_views = [lambda k=k: loss_of(k) for k in range(c.views)]
+        if self.consensus is None:
+            aggregation = mean_gradient(loss_of_views)  # the paper's g = (1/K) Σ_k ∇L(c_k)
         else:
-            target_of = [lambda z, k=k: guidance_target(c.guidance, self.conditioning, self.prior.alphas_cumprod, z,
-                                                        cameras[k], ts[k], [rngs[k]]) for k in range(c.views)]
-        totals: dict[str, torch.Tensor] = {}
-        for k in range(c.views):
-            terms = self._backward_view(cameras[k], shadings[k], rngs[k], weights, target_of[k])
-            for name, value in terms.items():  # detached tensors: no host sync per term and view
-                totals[name] = totals.get(name, 0.0) + value / c.views
+            aggregation = self.consensus(loss_of_views, self.model.parameters())
+        totals = {name: sum(view[name] for view in terms) / c.views for name in terms[0]}
         values = torch.stack(list(totals.values())).tolist()  # one host sync per step
-        return {"t": ts, "terms": dict(zip(totals, values)), "shading": shadings}
+        return {"t": views.ts, "terms": dict(zip(totals, values)), "shading": views.shadings, "aggregation": aggregation}
+
+    def _draw_views(self, fraction: float, key: tuple[int, ...]) -> "StepViews":
+        """The step's K cameras; then each view draws its shading and its t from its own generator.
+
+        Render and guidance draw from that generator next, so the order of the views (or batching
+        them) changes no random number.
+        """
+        c = self.config
+        cameras = sample_views(c.sampler, c.views, seeded_generator("cpu", *key), c.cameras).to(self.device)
+        generators = [seeded_generator(self.device, *key, k) for k in range(c.views)]
+        shadings = [c.schedules.shading(fraction, g) for g in generators]
+        ts = [timestep(c.guidance, fraction, g, self.prior.num_train_timesteps) for g in generators]
+        return StepViews(cameras, shadings, ts, generators)
 
     def batches_views(self) -> bool:
         """Whether a step's K guidance targets come from one batched prior pass.
 
         "auto" batches on CUDA only: there a UNet call is launch-bound and K latents cost about
         what one does, while on the CPU the extra no-graph render would only add time (and CPU
-        results stay those of the sequential reference bit for bit).
-        """
-        mode = self.config.view_batching
-        return self.config.views > 1 and (mode == "batched" or (mode == "auto" and self.device.type == "cuda"))
-
-    def _backward_view(self, camera: Cameras, shading: str, rng: torch.Generator, weights: dict[str, float],
-                       target_of: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Render one view with a graph, backward its loss / K against ``target_of(latents)``; free it."""
-        out = self.render_view(camera, shading, rng, weights)
-        latents = self.prior.encode_images(out.rgb.permute(0, 3, 1, 2))
-        target = target_of(latents)
-        terms = view_losses(out, camera, weights, guidance_loss(self.config.guidance, latents, target))
-        (sum(terms.values()) / self.config.views).backward()
-        return {name: value.detach() for name, value in terms.items()}
-
-    @torch.no_grad()
-    def _batched_targets(self, cameras: Cameras, shadings: list[str], ts: list[int], rngs: list[torch.Generator],
-                         weights: dict[str, float]) -> torch.Tensor:
-        """The K views' guidance targets [K, C, h, w] from renders without a graph and one prior pass.
-
-        Only the K detached latents are kept, so memory stays that of one view. Each generator
-        has drawn its render's randomness here, exactly as in the sequential path, before the
-        guidance draws its noise (SDS) or δ and inversion noise (SDI) from it. SDS batches with a
-        t per sample; SDI's annealed t is shared, so the views share one inversion grid.
+        results stay those of the sequential reference bit for bit). SDI without its t-anneal
+        never batches: views of different t cannot share one inversion grid.
         """
         c = self.config
-        latents = torch.cat([self.prior.encode_images(self.render_view(cameras[k], shadings[k], rngs[k], weights)
-                                                      .rgb.permute(0, 3, 1, 2)) for k in range(c.views)])
-        t = ts[0] if c.guidance.kind == "sdi" else torch.tensor(ts)
-        return guidance_target(c.guidance, self.conditioning, self.prior.alphas_cumprod, latents, cameras, t, rngs)
+        if c.views == 1 or (c.guidance.kind == "sdi" and not c.guidance.t_anneal):
+            return False
+        return c.view_batching == "batched" or (c.view_batching == "auto" and self.device.type == "cuda")
+
+    # -- two interchangeable ways to compute the K guidance targets ------------------------------
+
+    def _sequential_targets(self, views: "StepViews") -> "ViewTargets":
+        """Each view's target from its own latents, computed inside its graph pass (no extra render)."""
+        c = self.config
+
+        def target(k: int, latents: torch.Tensor) -> torch.Tensor:
+            return guidance_target(c.guidance, self.conditioning, self.prior.alphas_cumprod, latents,
+                                   views.cameras[k], views.ts[k], [views.generators[k]])
+
+        return ViewTargets([lambda z, k=k: target(k, z) for k in range(c.views)], views.generators)
+
+    @torch.no_grad()
+    def _batched_targets(self, views: "StepViews", weights: dict[str, float]) -> "ViewTargets":
+        """The K views' targets from renders without a graph and one prior pass.
+
+        Only the K detached latents are kept, so memory stays that of one view. Each generator
+        draws its render's randomness here, exactly as in the sequential path, before the guidance
+        draws its noise (SDS) or δ and inversion noise (SDI) from it; the graph renders then replay
+        copies of the generators as they were before. SDS batches with a t per sample; SDI's
+        annealed t is shared, so the views share one inversion grid.
+        """
+        c = self.config
+        replays = [self._copy_generator(g) for g in views.generators]
+        latents = torch.cat([self.prior.encode_images(
+            self.render_view(views.cameras[k], views.shadings[k], views.generators[k], weights).rgb.permute(0, 3, 1, 2))
+            for k in range(c.views)])
+        t = views.ts[0] if c.guidance.kind == "sdi" else torch.tensor(views.ts)
+        targets = guidance_target(c.guidance, self.conditioning, self.prior.alphas_cumprod, latents, views.cameras,
+                                  t, views.generators)
+        return ViewTargets([lambda z, k=k: targets[k:k + 1] for k in range(c.views)], replays)
 
     @staticmethod
     def _copy_generator(generator: torch.Generator) -> torch.Generator:
@@ -342,6 +392,7 @@ class Distiller:
             "shading": result["shading"], "grad_norm": grad_norm, "skipped": skipped,
             # field evaluations per ray of the step's renders with a graph (mean over the K views)
             "samples_per_ray_evaluated": self._render_tally[0] / max(self._render_tally[1], 1.0),
+            **result["aggregation"],  # CW-MV-SDI: the views' weights, agreements and the sharpness
         }
 
     @torch.no_grad()
@@ -369,6 +420,7 @@ class Distiller:
             "prior_counters": {"calls": self.prior.counters.calls, "images": self.prior.counters.images},
             "rng": rng_state(), "config": self.config.to_dict(), "mvsdi_version": mvsdi.__version__,
             "occupancy": self.occupancy.state_dict() if self.occupancy is not None else None,
+            "consensus": self.consensus.state_dict() if self.consensus is not None else None,
         })
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -380,6 +432,7 @@ class Distiller:
         self.prior.counters.images = state["prior_counters"]["images"]
         set_rng_state(state["rng"])
         self._load_grid(state.get("occupancy"))
+        self._load_consensus(state)
 
     def roll_back(self, good: dict[str, Any], count: bool = True) -> None:
         """Return the field and Adam to the state ``good``; spent evaluations and skip counts are kept."""
@@ -389,6 +442,11 @@ class Distiller:
         self.counters = Counters(guidance_evaluations=spent.guidance_evaluations, steps=good["counters"]["steps"],
                                  skipped_steps=spent.skipped_steps, rollbacks=spent.rollbacks + int(count))
         self._load_grid(good.get("occupancy"))
+        self._load_consensus(good)
+
+    def _load_consensus(self, state: dict[str, Any]) -> None:
+        if self.consensus is not None:
+            self.consensus.load_state_dict(state["consensus"])
 
 
 # rollbacks draw from generators keyed (seed, step, ROLLBACK_STREAM, n): a key no plain step can have

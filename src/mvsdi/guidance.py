@@ -51,7 +51,17 @@ class SDIConfig:
     delta_max: int = 99  # t' = min(t + δ, T−1), δ ~ U{0..delta_max}
     t_start: float = 0.98  # t anneals linearly from t_start·T to t_end·T over the budget
     t_end: float = 0.25
+    # budget fraction at which the anneal reaches t_end: 1 = the whole run; the reference counts it in
+    # steps of a 10,000-step run whatever K, i.e. K (its K=2 runs end at t ≈ 615, K=4 at ≈ 797)
+    t_anneal_span: float = 1.0
+    t_anneal: bool = True  # False: t ~ U{t_end·T .. t_start·T} per view (the reference's sensitivity run)
     kind: Literal["sdi"] = "sdi"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.t_end <= self.t_start < 1.0:
+            raise ValueError(f"SDI needs 0 <= t_end <= t_start < 1, got t_end={self.t_end}, t_start={self.t_start}")
+        if self.t_anneal_span <= 0:
+            raise ValueError(f"t_anneal_span must be > 0, got {self.t_anneal_span}")
 
 
 GuidanceConfig = SDSConfig | SDIConfig
@@ -62,14 +72,15 @@ def timestep(cfg: GuidanceConfig, fraction: float, generator: torch.Generator, n
 
     SDS draws t uniformly (integers, inclusive) for each view, as the reference does in every
     guidance call: a t shared by the K views of a step would make their gradients correlated.
-    SDI anneals it deterministically, so K=1, 2, 4 see the same t at the same budget fraction.
+    SDI anneals it deterministically, so K=1, 2, 4 see the same t at the same budget fraction;
+    without the anneal it draws t per view like SDS, over [t_end, t_start].
     """
     T = num_train_timesteps
-    if isinstance(cfg, SDSConfig):
-        lo, hi = int(cfg.t_min * T), int(cfg.t_max * T)
-        return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
-    level = cfg.t_start + (cfg.t_end - cfg.t_start) * min(max(fraction, 0.0), 1.0)
-    return int(level * T)
+    if isinstance(cfg, SDSConfig) or not cfg.t_anneal:
+        lo, hi = (cfg.t_min, cfg.t_max) if isinstance(cfg, SDSConfig) else (cfg.t_end, cfg.t_start)
+        return int(torch.randint(int(lo * T), int(hi * T) + 1, (1,), generator=generator).item())
+    progress = min(max(fraction / cfg.t_anneal_span, 0.0), 1.0)
+    return int((cfg.t_start + (cfg.t_end - cfg.t_start) * progress) * T)
 
 
 def _randn_per_view(like: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

@@ -49,7 +49,7 @@ class MemoryBudgetError(ValueError):
 class MemoryEstimate:
     render_bytes: int  # saved for backward by one training render at the run's resolution (scaled)
     prior_bytes: int  # saved by the prior's differentiable encoder
-    state_bytes: int  # parameters, their gradients and Adam's two moments
+    state_bytes: int  # parameters, their gradients and Adam's two moments (and CW-MV-SDI's K gradient copies)
     probe_samples_per_ray: float  # field samples evaluated per ray in the probe (after skipping)
 
     @property
@@ -86,8 +86,11 @@ def estimate_view_memory(distiller: Distiller) -> MemoryEstimate:
     del out  # frees the probe's graph
     _, prior_bytes = saved_tensor_bytes(lambda: distiller.prior.encode_images(image))
     parameters = sum(p.numel() * p.element_size() for p in distiller.model.parameters())
+    # gradients and Adam's two moments (the weights already exist); consensus weighting keeps a copy of
+    # the gradient per view, and their weighted sum is formed one parameter at a time
+    copies = 3 + (c.views if c.aggregation.kind == "consensus" else 0)
     return MemoryEstimate(render_bytes=int(render_bytes * (c.resolution / side) ** 2), prior_bytes=prior_bytes,
-                          state_bytes=3 * parameters,  # gradients and Adam's two moments (weights already exist)
+                          state_bytes=copies * parameters,
                           probe_samples_per_ray=evaluated)
 
 
@@ -141,9 +144,10 @@ def check_fits(estimate: MemoryEstimate, free: int | None, resolution: int, samp
         f"this run needs about {gib(estimate.peak_bytes)} per training view at the start "
         f"(render {gib(estimate.render_bytes)} at {resolution}² × {samples_per_ray} samples per ray, "
         f"{estimate.probe_samples_per_ray:.0f} evaluated per ray after empty-space skipping; prior encoder "
-        f"{gib(estimate.prior_bytes)}; weights and Adam {gib(estimate.state_bytes)}; ×{BACKWARD_MARGIN} for "
-        f"backward), but only {gib(free)} is free. Lower --resolution ({hint}) or --samples-per-ray. "
-        "K (--views) is not a knob: views are accumulated one at a time.")
+        f"{gib(estimate.prior_bytes)}; gradients, Adam and any per-view gradient copies "
+        f"{gib(estimate.state_bytes)}; ×{BACKWARD_MARGIN} for backward), but only {gib(free)} is free. Lower "
+        f"--resolution ({hint}) or --samples-per-ray. K (--views) is not a knob with --aggregation mean: views "
+        "are accumulated one at a time.")
 
 
 def free_memory_override() -> int | None:

@@ -39,3 +39,11 @@ def convexity(normal: torch.Tensor, opacity: torch.Tensor, cameras: Cameras, siz
     horizontal = torch.cross(small[:, :, :-1], small[:, :, 1:], dim=-1)[..., 1]
     vertical = -torch.cross(small[:, 1:], small[:, :-1], dim=-1)[..., 0]  # rows go down the image
     return -(horizontal.flatten(1).mean(1) + vertical.flatten(1).mean(1))
+
+
+def total_variation(rgb: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of vertically plus horizontally neighbouring pixels [N] (rgb [N,H,W,3]):
+    the reference's lambda_tv term, an L1 smoothness prior on the rendered colours."""
+    dy = (rgb[:, 1:] - rgb[:, :-1]).abs().flatten(1).mean(1)
+    dx = (rgb[:, :, 1:] - rgb[:, :, :-1]).abs().flatten(1).mean(1)
+    return dy + dx

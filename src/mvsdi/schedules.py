@@ -7,6 +7,7 @@ shading phase, t and regulariser weights at the same fraction of its guidance bu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class LossWeights:
     opacity: Ramp = Ramp(0.1, 0.1)
     convexity: Ramp = Ramp(1.0, 0.1, 0.0, 4000 / REFERENCE_STEPS)
     z_variance: Ramp = Ramp(1.0, 1.0)
+    tv: Ramp = Ramp(0.0, 0.0)  # total variation of the RGB render; off in the SDI configuration
 
     def at(self, fraction: float) -> dict[str, float]:
         return {name: getattr(self, name)(fraction) for name in self.__dataclass_fields__}
@@ -100,3 +102,43 @@ def steps_for_budget(budget: int, views: int) -> int:
 def fraction_spent(step: int, views: int, budget: int) -> float:
     """Budget fraction spent before optimiser step ``step`` (0-based)."""
     return step * views / budget
+
+
+# --------------------------------------------------------------------------------------------
+# the reference's schedules, counted in its optimiser steps
+
+SCHEDULE_MODES = ("budget", "reference")
+
+# From the MV-SDI reference's configs (configs/sdi.yaml, mvsd-anti2, mvsd-anti4 and mvsd-mixed4,
+# mvsd-octa6-*, mvsd-anti8): K → (hash-grid start_step, update_steps, ambient_only_steps, step where
+# sparsity reaches 0, step where convexity reaches 0.1), in optimiser steps of its 10,000/K-step run.
+# Its K=2 configs change only max_steps; K>=4 divide the level and shading steps by K and the
+# regulariser ramps by K/2 (rounded as the configs round them).
+REFERENCE_STEP_SCHEDULES: dict[int, tuple[int, int, int, int, int]] = {
+    1: (2000, 500, 1000, 3000, 4000),
+    2: (2000, 500, 1000, 3000, 4000),
+    4: (500, 125, 250, 1500, 2000),
+    6: (333, 83, 167, 1000, 1333),
+    8: (250, 63, 125, 750, 1000),
+}
+
+
+def reference_schedules(views: int, base: Schedules = Schedules()) -> Schedules:
+    """The reference's schedules for K=``views`` as budget fractions (other fields kept from ``base``).
+
+    Its step n of a K-view run is budget fraction n·K/10,000, so at the default budget this is the
+    reference step for step; at another budget B every count scales by B/10,000. The SDI t-anneal,
+    which the reference counts over 10,000 steps whatever K, is the guidance's ``t_anneal_span``.
+    """
+    if views not in REFERENCE_STEP_SCHEDULES:
+        raise ValueError(f"the reference has schedules for K = {', '.join(map(str, REFERENCE_STEP_SCHEDULES))} "
+                         f"only, not K={views}: use --schedule budget, or one of those K")
+    level_start, level_every, ambient, sparsity_end, convexity_end = REFERENCE_STEP_SCHEDULES[views]
+    at = lambda steps: steps * views / REFERENCE_STEPS  # noqa: E731 (a unit conversion)
+    weights = dataclasses.replace(
+        base.weights,
+        sparsity=dataclasses.replace(base.weights.sparsity, f0=0.0, f1=at(sparsity_end)),
+        convexity=dataclasses.replace(base.weights.convexity, f0=0.0, f1=at(convexity_end)))
+    return Schedules(levels=dataclasses.replace(base.levels, begin=at(level_start), every=at(level_every)),
+                     shading=dataclasses.replace(base.shading, ambient_only_until=at(ambient)),
+                     weights=weights)

@@ -47,6 +47,12 @@ class Tracker:
         if ts:
             values["t_mean"] = float(np.mean(ts))
             values["t_min"] = float(np.min(ts))
+        if "consensus_weights" in record:  # CW-MV-SDI, as the reference logs it
+            values["consensus_sharpness"] = float(record["consensus_sharpness"])
+            values["consensus_w_max"] = float(np.max(record["consensus_weights"]))
+            values["consensus_w_min"] = float(np.min(record["consensus_weights"]))
+            values["consensus_a_mean"] = float(np.mean(record["consensus_agreement"]))
+            values["consensus_a_min"] = float(np.min(record["consensus_agreement"]))
         return values
 
     def log_step(self, record: dict[str, Any]) -> None:

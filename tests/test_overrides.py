@@ -1,0 +1,78 @@
+"""Dotted settings (--set), the method flags of `mvsdi generate`, and the TV regulariser."""
+
+import json
+
+import pytest
+import torch
+
+from mvsdi.cli import main
+from mvsdi.config import RunConfig, preset
+from mvsdi.overrides import apply, apply_all, parse_assignment
+from mvsdi.regularisers import total_variation
+from mvsdi.schedules import Ramp, reference_schedules
+
+
+def test_dotted_settings_are_parsed_by_the_fields_type():
+    config = apply_all(preset("mvsdi-k2", "x"), {
+        "guidance.guidance_scale": "50", "cameras.elevation_deg": "-20,60", "guidance.t_anneal": "false",
+        "optim.lr": "0.005", "aggregation.kind": "consensus", "aggregation.fixed_sharpness": "2",
+        "schedules.weights.tv.end": "0.01", "prompts.negative_prompt": "blurry, low quality", "seed": "4"})
+    assert config.guidance.guidance_scale == 50.0 and config.cameras.elevation_deg == (-20.0, 60.0)
+    assert config.guidance.t_anneal is False and config.optim.lr == 0.005 and config.seed == 4
+    assert config.aggregation.kind == "consensus" and config.aggregation.fixed_sharpness == 2.0
+    assert config.schedules.weights.tv == Ramp(0.0, 0.01) and config.prompts.negative_prompt == "blurry, low quality"
+    assert apply(config, "aggregation.fixed_sharpness", "none").aggregation.fixed_sharpness is None
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("guidance.guidance_scal", "5", "SDIConfig has guidance_scale"),
+    ("guidance.guidance_scale", "high", "takes a float"),
+    ("aggregation.kind", "median", "one of mean, consensus"),
+    ("cameras.elevation_deg", "10", "takes 2 comma-separated values"),
+    ("guidance.t_anneal", "maybe", "true or false"),
+    ("optim", "3", "set its fields one by one"),
+    ("seed.x", "3", "a value, not a group"),
+    ("views", "3", "not a multiple of K=3"),  # the config's own validation still runs
+])
+def test_bad_settings_say_what_exists(path, value, message):
+    with pytest.raises(ValueError, match=message):
+        apply(preset("mvsdi-k2", "x"), path, value)
+
+
+def test_an_assignment_needs_an_equals_sign():
+    assert parse_assignment("a.b = 3") == ("a.b", "3")
+    with pytest.raises(ValueError, match="PATH=VALUE"):
+        parse_assignment("guidance.guidance_scale")
+
+
+FAST = ["--model", "tiny", "--resolution", "16", "--samples-per-ray", "8", "--eval-views", "2",
+        "--eval-resolution", "16", "--device", "cpu", "--no-progress", "--no-tensorboard"]
+
+
+def test_method_flags_reach_the_runs_config_and_a_consensus_run_logs_its_weights(tmp_path):
+    out = tmp_path / "run"
+    args = ["generate", "a chair", "--preset", "mvsdi-k4", "--budget", "8", "--out", str(out), "--schedule", "reference",
+            "--aggregation", "consensus", "--elevation-range", "-5", "30", "--guidance-scale", "5",
+            "--inversion-guidance-scale", "-5", "--negative-prompt", "blurry", "--tv-weight", "0.01",
+            "--tv-warmup", "0.1", "--set", "guidance.delta_max=20", *FAST]
+    assert main(args) == 0
+    config = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert config.schedule == "reference" and config.schedules == reference_schedules(4, config.schedules)
+    assert config.guidance.t_anneal_span == 4.0 and config.guidance.delta_max == 20
+    assert (config.guidance.guidance_scale, config.guidance.inversion_guidance_scale) == (5.0, -5.0)
+    assert config.cameras.elevation_deg == (-5.0, 30.0) and config.prompts.negative_prompt == "blurry"
+    assert config.schedules.weights.tv == Ramp(0.0, 0.01, 0.0, 0.1) and config.aggregation.kind == "consensus"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(len(r["consensus_weights"]) == 4 for r in records) and "loss_tv" in records[-1]
+
+
+def test_resume_refuses_method_changes(tmp_path, capsys):
+    assert main(["generate", "--resume", str(tmp_path), "--guidance-scale", "5", *FAST]) == 2
+    assert "method comes from the run" in capsys.readouterr().err
+
+
+def test_total_variation_is_the_mean_absolute_neighbour_difference(float64):
+    rgb = torch.zeros(1, 4, 4, 3)
+    rgb[:, :, 2:] = 1.0  # one vertical edge: horizontal differences 1 on one column of three
+    assert total_variation(rgb).tolist() == pytest.approx([1 / 3])
+    assert total_variation(torch.rand(2, 5, 5, 3)).shape == (2,)
