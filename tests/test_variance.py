@@ -103,3 +103,36 @@ def test_comparison_reports_per_evaluation_variance_and_ratio(prior):
     assert rows[1]["ratio"] == pytest.approx(rows[1]["per_evaluation"] / rows[0]["per_evaluation"])
     assert rows[1]["ratio_low"] <= rows[1]["ratio_high"] and rows[1]["log_ratio_se"] > 0
     assert all(r["fraction"] == 0.5 for r in rows)
+
+
+def test_the_hash_tables_and_the_shared_weights_partition_the_gradient():
+    from mvsdi.variance import gradient_parts
+
+    config = preset("mvsds-k2", "x", model="tiny", device="cpu", field=SMALL)
+    model = Model.create(config, CPU)
+    parts = gradient_parts(model)
+    total = sum(p.numel() for p in model.parameters())
+    assert parts["tables"].start == 0 and parts["tables"].stop == parts["shared"].start and parts["shared"].stop == total
+    assert parts["tables"].stop == model.field.encoding.embeddings.numel()
+
+
+def test_part_grams_add_up_to_the_whole_and_median_of_means_resists_one_huge_draw(float64):
+    from mvsdi.variance import median_of_means_ratio
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 6, generator=g)
+    samples = GradientSamples({"a": slice(0, 4), "b": slice(4, 6)})
+    for row in x:
+        samples.add(row)
+    grams = samples.grams()
+    np.testing.assert_allclose(grams["a"] + grams["b"], grams["all"], rtol=1e-6, atol=1e-6)  # float32 samples
+    heavy = x.clone()
+    heavy[5] *= 100.0  # one draw of the second setting from a heavy tail
+    other = GradientSamples()
+    for row in heavy:
+        other.add(row)
+    plain = resampled_total_variance(other.gram(), np.ones((1, 32)))[0] / resampled_total_variance(grams["all"], np.ones((1, 32)))[0]
+    median, low, high = median_of_means_ratio(other.gram(), grams["all"], 1)
+    assert plain > 50 and median == pytest.approx(1.0) and high > 100 and low == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs >= 16 repeats"):
+        median_of_means_ratio(grams["all"][:8, :8], grams["all"][:8, :8], 1)

@@ -46,12 +46,14 @@ class GradientVariance:
 
 class GradientSamples:
     """R gradient samples and their Gram matrix ⟨g_i, g_j⟩ (float64), from which the variance of any
-    resample follows. The object holds the gradients (float32) to take new dot products; keep
-    ``gram()`` and drop the object once all samples are in."""
+    resample follows; also the Gram matrix of each named part of the vector (``parts``: name →
+    slice, e.g. the hash tables and the shared weights). The object holds the gradients (float32)
+    to take new dot products; keep ``gram()`` and drop the object once all samples are in."""
 
-    def __init__(self) -> None:
+    def __init__(self, parts: dict[str, slice] | None = None) -> None:
         self._samples: list[torch.Tensor] = []
-        self._gram: list[list[float]] = []
+        self._parts = {"all": slice(None), **(parts or {})}
+        self._grams: dict[str, list[list[float]]] = {name: [] for name in self._parts}
 
     @property
     def n(self) -> int:
@@ -59,14 +61,19 @@ class GradientSamples:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().flatten().float().clone()
-        dots = [float(torch.dot(x.double(), s.double())) for s in self._samples] + [float(x.double().square().sum())]
-        for row, dot in zip(self._gram, dots):
-            row.append(dot)
-        self._gram.append(dots)
+        for name, part in self._parts.items():
+            xp = x[part].double()
+            dots = [float(torch.dot(xp, s[part].double())) for s in self._samples] + [float(xp.square().sum())]
+            for row, dot in zip(self._grams[name], dots):
+                row.append(dot)
+            self._grams[name].append(dots)
         self._samples.append(x)
 
-    def gram(self) -> np.ndarray:
-        return np.asarray(self._gram, dtype=np.float64)
+    def gram(self, part: str = "all") -> np.ndarray:
+        return np.asarray(self._grams[part], dtype=np.float64)
+
+    def grams(self) -> dict[str, np.ndarray]:
+        return {name: self.gram(name) for name in self._parts}
 
     def total_variance(self) -> float:
         """Unbiased trace of the covariance: Σ_i ‖g_i − ḡ‖² / (n − 1)."""
@@ -93,9 +100,28 @@ def flat_gradient(model: Model) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
 
+def gradient_parts(model: Model) -> dict[str, slice]:
+    """Where the hash tables and the shared weights (MLP, blob, background) lie in ``flat_gradient``.
+
+    Antithetic views see different sides of the object and so touch mostly different table entries,
+    while every view moves the shared weights: the two parts can behave differently.
+    """
+    tables = model.field.encoding.embeddings
+    offset = 0
+    for p in model.parameters():
+        if p is tables:
+            break
+        offset += p.numel()
+    total = sum(p.numel() for p in model.parameters())
+    end = offset + tables.numel()
+    if offset != 0 or end == total:  # the shared part must be one slice after the tables
+        raise ValueError("expected the hash tables first in the model's parameters, followed by the shared weights")
+    return {"tables": slice(offset, end), "shared": slice(end, total)}
+
+
 def gradient_samples(distiller: Distiller, fraction: float, repeats: int, seed: int = 0) -> GradientSamples:
     """R independent K-view gradients of the distiller's current parameters (no optimiser step)."""
-    samples = GradientSamples()
+    samples = GradientSamples(gradient_parts(distiller.model))
     for r in range(repeats):
         distiller.accumulate_gradients(fraction, (seed, VARIANCE_STREAM, r))
         samples.add(flat_gradient(distiller.model))
@@ -139,6 +165,30 @@ def ratio_intervals(grams: list[np.ndarray], views: list[int], resamples: int = 
     return out
 
 
+MEDIAN_OF_MEANS_GROUPS = 8
+
+
+def median_of_means_ratio(gram: np.ndarray, reference: np.ndarray, views: int, reference_views: int = 1,
+                          groups: int = MEDIAN_OF_MEANS_GROUPS) -> tuple[float, float, float]:
+    """(median, smallest, largest) over ``groups`` disjoint groups of paired draws of the ratio of
+    variances per evaluation. A few huge gradients (SDI's heavy tail) move a mean over all draws but
+    only one group's ratio, so the median is robust while the extremes show the tail."""
+    n = len(gram)
+    if len(reference) != n:
+        raise ValueError("a paired ratio needs the same number of repeats in both settings")
+    size = n // groups
+    if size < 2:
+        raise ValueError(f"median of means over {groups} groups needs >= {2 * groups} repeats, got {n}")
+    ratios = []
+    for g in range(groups):
+        block = np.zeros((1, n))
+        block[0, g * size:(g + 1) * size] = 1.0
+        mine = resampled_total_variance(gram, block)[0] * views
+        theirs = resampled_total_variance(reference, block)[0] * reference_views
+        ratios.append(mine / theirs if theirs > 0 else float("nan"))
+    return float(np.nanmedian(ratios)), float(np.nanmin(ratios)), float(np.nanmax(ratios))
+
+
 def compare_estimators(base: RunConfig, prior: DiffusionPrior, model_state: dict[str, Any], device: torch.device,
                        settings: list[tuple[int, str]], fraction: float, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
     """Variance per guidance evaluation of each (K, sampler) at the same parameters, its ratio to
@@ -151,10 +201,20 @@ def compare_estimators(base: RunConfig, prior: DiffusionPrior, model_state: dict
         model.load_state_dict(model_state)
         samples = gradient_samples(Distiller(config, prior, model, device), fraction, repeats, seed)
         rows.append(dataclasses.asdict(summarise_samples(samples, views, sampler)) | {"fraction": fraction})
-        grams.append(samples.gram())
+        grams.append(samples.grams())
     reference = rows[0]["per_evaluation"]
-    intervals = ratio_intervals(grams, [v for v, _ in settings], seed=seed)
+    view_counts = [v for v, _ in settings]
+    intervals = ratio_intervals([g["all"] for g in grams], view_counts, seed=seed)
     for row, (low, high, log_se) in zip(rows, intervals):
         row["ratio"] = row["per_evaluation"] / reference if reference > 0 else float("nan")
         row.update(ratio_low=low, ratio_high=high, log_ratio_se=log_se)
+    for row, gram, views in zip(rows, grams, view_counts):
+        for part in ("tables", "shared"):  # the parts' plain ratios, then the robust ones if R allows
+            own, ref = resampled_total_variance(gram[part], np.ones((1, repeats)))[0], \
+                resampled_total_variance(grams[0][part], np.ones((1, repeats)))[0]
+            row[f"{part}_ratio"] = own * views / ref if ref > 0 else float("nan")
+        if repeats >= 2 * MEDIAN_OF_MEANS_GROUPS:
+            for part in ("all", "tables", "shared"):
+                median, low, high = median_of_means_ratio(gram[part], grams[0][part], views)
+                row.update({f"{part}_mom_ratio": median, f"{part}_mom_min": low, f"{part}_mom_max": high})
     return rows
