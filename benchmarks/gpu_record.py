@@ -359,7 +359,8 @@ def free_gpu(session: Session) -> None:
 # 1. speed (in-process, benchmarks/speed.py's measure)
 
 def default_targets(session: Session, views: int) -> str:
-    """What view_batching="auto" picks: batched on CUDA (launch-bound UNet), one per view on the CPU."""
+    """Batched on CUDA (launch-bound UNet), one per view on the CPU. ``view_batching="auto"`` itself
+    times both ways over its first four steps on CUDA and keeps the faster (``distill.AutoBatching``)."""
     return "batched" if session.cuda and views > 1 else "sequential"
 
 

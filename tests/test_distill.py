@@ -142,3 +142,30 @@ def test_sdi_without_its_anneal_never_batches_views(prior):
     distiller = Distiller(uniform_t, prior, Model.create(uniform_t, CPU), CPU)
     assert not distiller.batches_views()
     assert len(set(distiller.step()["t"])) == 2  # each view drew its own t
+
+
+def test_auto_view_batching_times_both_ways_after_warming_up_and_keeps_the_faster():
+    from mvsdi.distill import AutoBatching
+
+    for batched_seconds, expected in ((0.5, True), (2.0, False)):
+        auto = AutoBatching()
+        pattern = []
+        for seconds_of in ({False: 9.0, True: 9.0}, {False: 1.0, True: batched_seconds}):  # warm-up, then timed
+            for _ in range(2):
+                batched = auto.batches()
+                pattern.append(batched)
+                auto.record(batched, seconds_of[batched])
+        assert pattern == [False, True, False, True]
+        assert auto.batches() is expected
+        auto.record(not expected, 0.0)  # after the trial, steps no longer change the choice
+        assert auto.batches() is expected
+
+
+def test_auto_view_batching_drives_the_steps_where_it_measures(prior, monkeypatch):
+    config = small("mvsds-k2", view_batching="auto", budget=12)
+    distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
+    assert not distiller.batches_views()  # the CPU never batches under auto
+    monkeypatch.setattr(distiller, "_measures_batching", lambda: True)  # as on CUDA
+    flags = [distiller.step()["batched_views"] for _ in range(6)]
+    assert flags[:4] == [False, True, False, True]
+    assert flags[4:] == [distiller.auto_batching.choice()] * 2

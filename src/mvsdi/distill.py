@@ -159,6 +159,33 @@ class ViewTargets:
 
 
 @dataclass
+class AutoBatching:
+    """``--view-batching auto`` on CUDA: a trial of four steps, then the faster way for the rest.
+
+    Steps 1 and 2 of the trial warm up each way (first-call costs: allocator growth, kernel
+    selection, graph capture), steps 3 and 4 are timed, one each way; the gradient is the same
+    either way up to float rounding, so the choice changes only speed. A resumed process runs its
+    own trial.
+    """
+
+    TRIAL_STEPS = 4
+    trial: list[tuple[bool, float]] = field(default_factory=list)  # (batched, seconds) of each trial step
+
+    def batches(self) -> bool:
+        if len(self.trial) < self.TRIAL_STEPS:
+            return len(self.trial) % 2 == 1  # sequential, batched, sequential, batched
+        return self.choice()
+
+    def record(self, batched: bool, seconds: float) -> None:
+        if len(self.trial) < self.TRIAL_STEPS:
+            self.trial.append((batched, seconds))
+
+    def choice(self) -> bool:
+        timed = dict(self.trial[2:])
+        return timed[True] < timed[False]
+
+
+@dataclass
 class Distiller:
     config: RunConfig
     prior: DiffusionPrior
@@ -170,6 +197,7 @@ class Distiller:
     # the training renders' occupancy grid (``config.render``); built and updated by ``step``
     occupancy: OccupancyGrid | None = field(default=None, init=False)
     consensus: ConsensusWeighting | None = field(default=None, init=False)  # CW-MV-SDI's weights, if chosen
+    auto_batching: "AutoBatching" = field(default_factory=lambda: AutoBatching(), init=False)
     _render_tally: list[float] = field(default_factory=lambda: [0.0, 0.0], init=False)  # samples/ray sum, views
 
     def __post_init__(self) -> None:
@@ -302,17 +330,24 @@ class Distiller:
         return StepViews(cameras, shadings, ts, generators)
 
     def batches_views(self) -> bool:
-        """Whether a step's K guidance targets come from one batched prior pass.
+        """Whether this step's K guidance targets come from one batched prior pass.
 
-        "auto" batches on CUDA only: there a UNet call is launch-bound and K latents cost about
-        what one does, while on the CPU the extra no-graph render would only add time (and CPU
-        results stay those of the sequential reference bit for bit). SDI without its t-anneal
-        never batches: views of different t cannot share one inversion grid.
+        Batching saves UNet launches (on CUDA a call is launch-bound: K latents cost about what one
+        does) but costs a no-graph render of every view first, which at large resolutions can cost
+        more than it saves. So "auto" measures on CUDA (``AutoBatching``) and keeps the faster; on
+        the CPU it never batches (the extra render only adds time, and CPU results stay those of
+        the sequential reference bit for bit). SDI without its t-anneal never batches: views of
+        different t cannot share one inversion grid.
         """
         c = self.config
         if c.views == 1 or (c.guidance.kind == "sdi" and not c.guidance.t_anneal):
             return False
-        return c.view_batching == "batched" or (c.view_batching == "auto" and self.device.type == "cuda")
+        if c.view_batching != "auto":
+            return c.view_batching == "batched"
+        return self._measures_batching() and self.auto_batching.batches()
+
+    def _measures_batching(self) -> bool:
+        return self.device.type == "cuda"
 
     # -- two interchangeable ways to compute the K guidance targets ------------------------------
 
@@ -346,6 +381,11 @@ class Distiller:
                                   t, views.generators)
         return ViewTargets([lambda z, k=k: targets[k:k + 1] for k in range(c.views)], replays)
 
+    def _synchronised_clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels are asynchronous: time what ran, not what was queued
+        return time.perf_counter()
+
     @staticmethod
     def _copy_generator(generator: torch.Generator) -> torch.Generator:
         """A generator that will draw exactly what ``generator`` draws next (for a replayed render)."""
@@ -369,7 +409,10 @@ class Distiller:
         calls_before = self.prior.counters.calls
         self.update_occupancy(fraction)
         self._render_tally = [0.0, 0.0]
+        batched, started = self.batches_views(), self._synchronised_clock()
         result = self.accumulate_gradients(fraction, self.step_key(step))
+        if self.config.views > 1 and self.config.view_batching == "auto" and self._measures_batching():
+            self.auto_batching.record(batched, self._synchronised_clock() - started)
         loss = sum(result["terms"].values())
         grad_norm = self.model.gradient_norm()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -389,7 +432,7 @@ class Distiller:
             "unet_calls": self.prior.counters.calls, "unet_calls_step": self.prior.counters.calls - calls_before,
             "unet_images": self.prior.counters.images,
             "lr": self.optimizer.param_groups[0]["lr"], "levels": self.model.field.active_levels,
-            "shading": result["shading"], "grad_norm": grad_norm, "skipped": skipped,
+            "shading": result["shading"], "grad_norm": grad_norm, "skipped": skipped, "batched_views": batched,
             # field evaluations per ray of the step's renders with a graph (mean over the K views)
             "samples_per_ray_evaluated": self._render_tally[0] / max(self._render_tally[1], 1.0),
             **result["aggregation"],  # CW-MV-SDI: the views' weights, agreements and the sharpness
