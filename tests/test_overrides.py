@@ -76,3 +76,25 @@ def test_total_variation_is_the_mean_absolute_neighbour_difference(float64):
     rgb[:, :, 2:] = 1.0  # one vertical edge: horizontal differences 1 on one column of three
     assert total_variation(rgb).tolist() == pytest.approx([1 / 3])
     assert total_variation(torch.rand(2, 5, 5, 3)).shape == (2,)
+
+
+def test_a_runs_config_json_passed_back_with_config_repeats_the_run(tmp_path):
+    first, again, varied = tmp_path / "first", tmp_path / "again", tmp_path / "varied"
+    assert main(["generate", "a chair", "--preset", "sds", "--budget", "3", "--guidance-scale", "20",
+                 "--out", str(first), *FAST]) == 0
+    assert main(["generate", "--config", str(first / "config.json"), "--out", str(again), *FAST]) == 0
+    assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
+    losses = [[json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()] for run in (first, again)]
+    assert losses[0] == losses[1]  # the same machine and software: bit for bit
+    assert main(["generate", "--config", str(first / "config.json"), "--seed", "1", "--set", "optim.lr=0.02",
+                 "--out", str(varied), *FAST]) == 0
+    config = json.loads((varied / "config.json").read_text())
+    assert (config["seed"], config["optim"]["lr"], config["guidance"]["guidance_scale"]) == (1, 0.02, 20.0)
+
+
+def test_a_config_file_that_is_not_one_is_refused(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"prompt": "a"}')
+    assert main(["generate", "--config", str(bad), "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "not a mvsdi run config" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -124,6 +126,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         help="weight of the total variation of the RGB renders (the reference's lambda_tv; preset: 0)")
     method.add_argument("--tv-warmup", type=float, default=0.0, metavar="FRACTION",
                         help="with --tv-weight: ramp the weight up from 0 over this fraction of the budget (default 0)")
+    method.add_argument("--config", type=Path, metavar="FILE",
+                        help="start from this config (a run's config.json repeats that run); other options then "
+                             "change it, instead of a preset")
     method.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="settings",
                         help="set any field of the run's config by its dotted path in config.json, e.g. "
                              "--set guidance.delta_max=50 --set optim.lr=0.005 (repeatable)")
@@ -160,10 +165,26 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def configure(args: argparse.Namespace) -> RunConfig:
-    """The run's config: the preset, then the top-level options, the nested settings, the schedule."""
-    config = preset(args.preset or DEFAULT_PRESET, args.prompt, **_overrides(args))
+    """The run's config: the preset (or --config FILE), then the top-level options, the nested
+    settings, the schedule."""
+    if args.config is not None:
+        config = dataclasses.replace(read_config_file(args.config), **_overrides(args),
+                                     **({"prompt": args.prompt} if args.prompt is not None else {}))
+    else:
+        config = preset(args.preset or DEFAULT_PRESET, args.prompt, **_overrides(args))
     config = apply_all(config, _settings(args))
     return with_schedule(config, args.schedule) if args.schedule else config
+
+
+def read_config_file(path: Path) -> RunConfig:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path}: cannot read a JSON config ({error}); pass a run's config.json") from None
+    try:
+        return RunConfig.from_dict(data)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"--config {path}: not a mvsdi run config ({error}); pass a run's config.json") from None
 
 
 def _target(args: argparse.Namespace):
@@ -172,12 +193,14 @@ def _target(args: argparse.Namespace):
         if args.prompt is not None or args.preset is not None or args.out is not None or args.overwrite:
             raise ValueError("with --resume the prompt, preset and output directory come from the run RUN; "
                              "give none of prompt, --preset, --out, --overwrite")
-        if _settings(args) or args.schedule:
+        if _settings(args) or args.schedule or args.config:
             raise ValueError("with --resume the method comes from the run RUN's config.json; the method options "
                              "and --set would change it: start a new run with them instead")
         return None, args.resume
-    if args.prompt is None:
-        raise ValueError("give a prompt, e.g. mvsdi generate \"a ripe strawberry\" (or --resume RUN)")
+    if args.prompt is None and args.config is None:
+        raise ValueError("give a prompt, e.g. mvsdi generate \"a ripe strawberry\" (or --config FILE, or --resume RUN)")
+    if args.config is not None and args.preset is not None:
+        raise ValueError("give either --preset or --config: the config file already names its method")
     if args.force:
         raise ValueError("--force only applies to --resume")
     config = configure(args)
