@@ -194,6 +194,3 @@ def guidance_loss(cfg: GuidanceConfig, latents: torch.Tensor, target: torch.Tens
         return 0.5 * diff.pow(2).sum(1)
     return 0.5 * diff.pow(2).mean(1)
 
-
-def unet_calls_per_evaluation(cfg: GuidanceConfig, t: int, num_train_timesteps: int) -> int:
-    return 1 if isinstance(cfg, SDSConfig) else sdi_unet_calls(t, cfg, num_train_timesteps)
