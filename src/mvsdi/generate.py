@@ -10,6 +10,7 @@ non-finite steps are skipped and, past a limit, rolled back (see ``distill.train
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import resource
 import signal
@@ -22,16 +23,20 @@ from typing import Any, Callable
 import torch
 
 import mvsdi
+from mvsdi.cameras import evaluation_cameras
 from mvsdi.config import RunConfig
 from mvsdi.distill import Distiller, Model, TrainResult, train
 from mvsdi.memory import available_bytes, check_fits, estimate_view_memory, free_memory_override
 from mvsdi.priors.loading import load_prior, resolve_device
 from mvsdi.export import ImageMaps, normal_image, turntable_panels, write_video
-from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, read_checkpoint
+from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, atomic_write_bytes, read_checkpoint
 from mvsdi.tracking import Tracker, check_wandb_available
 
 VALIDATIONS_PER_RUN = 10  # validation renders (TensorBoard images, collapse check) per run
 VALIDATION_VIEWS, VALIDATION_RESOLUTION = 4, 64
+# the convergence curve's front view: CLIP's input size, so `mvsdi eval` scores it unresized
+FRONT_RESOLUTION = 224
+CONVERGENCE_POINTS = "convergence.jsonl"  # in RUN/validation: one line per validation point
 # a field whose every validation view is (almost) empty or (almost) fully opaque has collapsed
 EMPTY_OPACITY, SATURATED_OPACITY = 0.005, 0.98
 
@@ -151,16 +156,34 @@ def view_panel(out: ImageMaps) -> torch.Tensor:
 
 
 class Validation:
-    """Every tenth of the run: a few small renders (TensorBoard, and PNGs in RUN/validation) and
-    the collapse check."""
+    """Every tenth of the run: a few small renders (TensorBoard, and PNGs in RUN/validation), the
+    collapse check, and a point of the convergence curve.
+
+    A point is the fixed front view (``evaluation_cameras(1)``: azimuth 0, elevation 15°, the same
+    camera as the evaluation's view 0) saved as RGB ``<evaluations>_front.png``, and one line of
+    ``RUN/validation/convergence.jsonl`` with the cost spent so far. "UNet forward passes" there
+    are ``unet_images``: batch elements through the UNet (the arithmetic done, the same whether or
+    not a step's views are batched; a CFG call on one view counts 2, with Perp-Neg 4); the
+    launches (``unet_calls``) are recorded beside them.
+    """
 
     def __init__(self, distiller: Distiller, tracker: Tracker, run: RunDirectory | None = None):
         self.distiller, self.tracker, self.run = distiller, tracker, run
-        self.every = max(1, distiller.config.steps // VALIDATIONS_PER_RUN)
+        self.steps = distiller.config.steps
         self.collapse: dict[str, Any] | None = None  # the first collapse seen: kind and step
+        if run is not None:  # a resume: forget the points of the steps it runs again
+            forget_points_after(run.path / VALIDATION, distiller.counters.guidance_evaluations)
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) ends a new tenth of the run; the last step always does.
+
+        By fraction rather than every ``steps // 10`` steps, so that a run whose step count is not
+        a multiple of 10 (K = 6: 1666 steps) still gets its last point at the end of its budget.
+        """
+        return (step + 1) * VALIDATIONS_PER_RUN // self.steps > step * VALIDATIONS_PER_RUN // self.steps
 
     def __call__(self, record: dict[str, Any]) -> None:
-        if (record["step"] + 1) % self.every:
+        if not self.due(record["step"]):
             return
         c = self.distiller.config  # never larger than the run's own evaluation renders
         outs = [ImageMaps.of(o) for o in self.distiller.evaluation_renders(min(VALIDATION_VIEWS, c.eval_views),
@@ -172,12 +195,63 @@ class Validation:
         self.tracker.log_images(record["guidance_evaluations"], images)
         if self.run is not None:
             self.save(record["guidance_evaluations"], images)
+            self.save_point(record)
+
+    def name(self, evaluations: int, what: str) -> str:
+        """<evaluations>_<what>.png, the count zero-padded to the budget's width so names sort."""
+        return f"{evaluations:0{len(str(self.distiller.config.budget))}d}_{what}.png"
 
     def save(self, evaluations: int, images: dict[str, torch.Tensor]) -> None:
-        """RUN/validation/<evaluations>_<view>.png, the count zero-padded to the budget's width so names sort."""
-        width = len(str(self.distiller.config.budget))
         for name, image in images.items():
-            self.run.save_image(f"{evaluations:0{width}d}_{name}.png", image, folder=VALIDATION)
+            self.run.save_image(self.name(evaluations, name), image, folder=VALIDATION)
+
+    def save_point(self, record: dict[str, Any]) -> None:
+        """The front view, then its line in convergence.jsonl (so a line never names a missing image)."""
+        resolution = min(FRONT_RESOLUTION, self.distiller.config.eval_resolution)
+        (front,) = self.distiller.evaluation_renders(1, resolution)
+        image = self.name(record["guidance_evaluations"], "front")
+        self.run.save_image(image, ImageMaps.of(front).rgb[0], folder=VALIDATION)
+        point = {"step": record["step"] + 1, "fraction": (record["step"] + 1) / self.steps,
+                 "guidance_evaluations": record["guidance_evaluations"],
+                 "unet_forward_passes": record["unet_images"], "unet_images": record["unet_images"],
+                 "unet_calls": record["unet_calls"], "image": image, "resolution": resolution,
+                 "camera": front_camera()}
+        with open(self.run.path / VALIDATION / CONVERGENCE_POINTS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(point) + "\n")
+
+
+def front_camera() -> dict[str, float]:
+    """The camera of the convergence points: the evaluation's view 0 (azimuth 0 is the front)."""
+    cams = evaluation_cameras(1)
+    return {"azimuth_deg": float(cams.azimuth_deg[0]), "elevation_deg": float(cams.elevation_deg[0]),
+            "distance": float(cams.distance[0]), "fovy_deg": float(cams.fovy_deg[0])}
+
+
+def read_points(folder: Path) -> list[dict[str, Any]]:
+    """The convergence points in ``folder``/convergence.jsonl; a line cut short by a kill is skipped."""
+    try:
+        lines = (folder / CONVERGENCE_POINTS).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    points = []
+    for line in lines:
+        try:
+            points.append(json.loads(line))
+        except ValueError:
+            continue
+    return points
+
+
+def forget_points_after(folder: Path, evaluations: int) -> None:
+    """Drop the points (lines and front images) made after ``evaluations``: a resume makes them again."""
+    if not (folder / CONVERGENCE_POINTS).exists():
+        return
+    kept = [p for p in read_points(folder) if p["guidance_evaluations"] <= evaluations]
+    names = {p["image"] for p in kept}
+    for image in folder.glob("*_front.png"):
+        if image.name not in names:
+            image.unlink()
+    atomic_write_bytes(folder / CONVERGENCE_POINTS, "".join(json.dumps(p) + "\n" for p in kept).encode())
 
 
 def write_evaluation(run: RunDirectory, distiller: Distiller) -> int:

@@ -198,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
             out = args.out
             spec = spec_from_args(args)
             result = run_bench(spec, eval_settings(spec, args), out, args.retries, args.executor, args.address)
+        from mvsdi.bench.convergence import write_convergence  # per-preset curves (docs/benchmark.md)
+        write_convergence(out)
     except (ValueError, FatalBenchError, MetricLoadError, PriorLoadError, RunDirectoryError, OSError) as exc:
         print(f"mvsdi: error: {exc}", file=sys.stderr)
         return 2

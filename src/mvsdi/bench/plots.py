@@ -1,5 +1,5 @@
-"""The bench's figures: per-metric bars with 95% intervals, and per-prompt scatter against the baseline;
-one colour per preset in both."""
+"""The bench's figures: per-metric bars with 95% intervals, per-prompt scatter against the baseline,
+and the convergence curves with their 95% bands; one colour per preset in all of them."""
 
 from __future__ import annotations
 
@@ -101,4 +101,40 @@ def plot_scatter(rows: Sequence[dict[str, Any]], baseline: str, presets: Sequenc
             ax.set_xlabel(f"{baseline}")
             ax.set_ylabel(f"{name}")
             ax.set_title(metric, fontsize=9)
+    return save_figure(fig, out)
+
+
+CONVERGENCE_AXES = {"guidance_evaluations": "guidance evaluations spent",
+                    "unet_forward_passes": "UNet forward passes spent (batch elements)"}
+
+
+def interval_band(means: Sequence[float], halves: Sequence[float], bounds: Bounds) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) edges of mean ± half, cut at the metric's bounds; no band (the mean) where half is nan."""
+    mean = np.asarray(means, dtype=float)
+    below, above = clipped_error_bars(means, halves, bounds)
+    return mean - below, mean + above
+
+
+def plot_convergence(curves: Sequence[dict[str, Any]], presets: Sequence[str], out: Path) -> Path | None:
+    """Two panels, the front view's CLIP score against guidance evaluations and against UNet forward
+    passes: per preset its mean over "ok" cells, shaded its 95% interval (cut at [-1, 1])."""
+    if not curves:
+        return None
+    plt = pyplot()
+    colours = preset_colours(presets)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], CONVERGENCE_AXES.items()):
+        for name in presets:
+            mine = [c for c in curves if c["preset"] == name]
+            if not mine:
+                continue
+            xs = [c[key] for c in mine]
+            means, halves = [c["clip_score"][0] for c in mine], [c["clip_score"][1] for c in mine]
+            low, high = interval_band(means, halves, CLIP_RANGES["clip_score"])
+            ax.plot(xs, means, marker="o", ms=3, color=colours[name], label=name)
+            ax.fill_between(xs, low, high, color=colours[name], alpha=0.2, lw=0)
+        ax.set_xlabel(label)
+        ax.set_ylabel("CLIP score, front view")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("mean over ok cells; band: 95% interval (Student t), cut at [-1, 1]", fontsize=9)
     return save_figure(fig, out)

@@ -2,6 +2,8 @@
 
 Every metric is computed per evaluation view and then averaged over the views of the run (one
 prompt); the per-view values are kept in ``metrics.json`` so other aggregations stay possible.
+Which views are scored, and where the results go, is the evaluation protocol's (``protocol.py``):
+``ours`` by default, ``reference`` for the MV-SDI reference's (``metrics_reference.json``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import mvsdi
 from mvsdi.evaluate import clip_metrics as cm
 from mvsdi.evaluate import image_reward as ir
 from mvsdi.evaluate.divergence import Divergence, check_divergence, missing
+from mvsdi.evaluate.protocol import OURS, EvaluationProtocol, get_protocol, janus_positions
 from mvsdi.rundir import CONFIG, RENDERS, SUMMARY, atomic_write_json
 
-METRICS_FILE = "metrics.json"
+METRICS_FILE = OURS.metrics_file  # the default protocol's; the reference's is metrics_reference.json
 KNOWN_METRICS = ("clip_score", "r_precision", "clip_iqa", "janus", "divergence", "hpsv2", "image_reward")
 # hpsv2 (ViT-H/14, ≈1 B parameters) and image_reward (BLIP ViT-L + BERT, ≈0.45 B) are big: only when asked for
 DEFAULT_METRICS = ("clip_score", "r_precision", "clip_iqa", "janus", "divergence")
@@ -142,6 +145,43 @@ def read_run(path: str | Path, force: bool = False) -> Run | None:
     return Run(path, prompt.strip(), expected, [p for _, p in found], version)
 
 
+@dataclass
+class Views:
+    """The views of a run that a protocol scores."""
+
+    images: list[torch.Tensor]
+    ids: list[int]  # per image: its view index (ours) or turntable index (reference)
+    janus: tuple[int, int] | None  # the view ids of (front, back); None: the protocol has no pair
+    expected: int  # how many views the protocol scores
+    source: str  # where the images came from, for metrics.json
+
+
+def view_index(path: Path) -> int:
+    return int(_RENDER.match(path.name).group(1))
+
+
+def ours_views(run: Run) -> Views:
+    """The run's own evaluation renders; Janus pairs view 0 with view V/2 (V = eval_views)."""
+    return Views(load_images(run.renders), [view_index(p) for p in run.renders], (0, run.expected_views // 2),
+                 run.expected_views, f"{RENDERS}/")
+
+
+def reference_views(run: Run, device: str | torch.device) -> Views:
+    """The reference's 50 scored turntable views (rendered from the checkpoint when the run lacks
+    them); Janus pairs the first and the middle one of the 50."""
+    from mvsdi.evaluate.reference_renders import reference_views as find_or_render  # it imports this module
+
+    found, source = find_or_render(run.path, device)
+    ids = [i for i, _ in found]
+    pair = janus_positions(len(ids))
+    return Views(load_images([p for _, p in found]), ids, None if pair is None else (ids[pair[0]], ids[pair[1]]),
+                 len(ids), source)
+
+
+def protocol_views(run: Run, protocol: EvaluationProtocol, device: str | torch.device) -> Views:
+    return ours_views(run) if protocol is OURS else reference_views(run, device)
+
+
 def load_images(paths: Sequence[Path]) -> list[torch.Tensor]:
     """PNG files → [3, H, W] float tensors in [0, 1] (alpha dropped, grey expanded)."""
     import imageio.v3 as iio
@@ -178,8 +218,16 @@ class Evaluator:
     device: str | torch.device = "cpu"
     image_reward: str | None = None  # a local folder / ImageReward.pt; None: the THUDM/ImageReward hub repo
     image_reward_tokenizer: str = ir.BLIP_TOKENIZER
+    protocol: str = OURS.name  # a name (see protocol.PROTOCOLS), so settings holding it stay plain data
     _models: dict[str, Any] = field(default_factory=dict, repr=False)
     _texts: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        get_protocol(self.protocol)  # an unknown name fails here, before any model loads
+
+    @property
+    def rules(self) -> EvaluationProtocol:
+        return get_protocol(self.protocol)
 
     def check_available(self) -> None:
         """Fail before any model loads for a metric whose local model path does not exist (a typo would
@@ -209,14 +257,14 @@ class Evaluator:
                 self._texts[(which, t)] = e
         return torch.stack([self._texts[(which, t)] for t in texts])
 
-    def evaluate(self, run: Run, images: list[torch.Tensor]) -> dict[str, Any]:
-        if not images:
+    def evaluate(self, run: Run, views: Views) -> dict[str, Any]:
+        if not views.images:
             return {}
-        batch = torch.stack(images)
+        batch = torch.stack(views.images)
         out: dict[str, Any] = {}
         want = set(self.metrics)
         if want & {"clip_score", "r_precision", "janus"}:
-            out.update(self._b32_metrics(run, batch, want))
+            out.update(self._b32_metrics(run, views, batch, want))
         if "clip_iqa" in want:
             out["clip_iqa"] = self._iqa(batch)
         if "hpsv2" in want:
@@ -228,7 +276,7 @@ class Evaluator:
             out["image_reward"] = {**_summary(scorer.score(batch, run.prompt)), "model": scorer.name}
         return out
 
-    def _b32_metrics(self, run: Run, batch: torch.Tensor, want: set[str]) -> dict[str, Any]:
+    def _b32_metrics(self, run: Run, views: Views, batch: torch.Tensor, want: set[str]) -> dict[str, Any]:
         embeds = self.model("b32").embed_images(batch)
         out: dict[str, Any] = {}
         if "clip_score" in want:
@@ -239,15 +287,17 @@ class Evaluator:
             if prompt_key(run.prompt) not in keys:
                 raise RunError(f"{run.path}: its prompt {run.prompt!r} is not among R-Precision's candidates")
             sim = cm.cosine_matrix(embeds, self.texts("b32", self.candidates))
-            hits = cm.r_precision(sim, keys.index(prompt_key(run.prompt)))
+            hits = cm.r_precision(sim, keys.index(prompt_key(run.prompt)), ties=self.rules.r_precision_ties)
             out["r_precision"] = {**_summary(hits), "candidates": len(self.candidates), "model": self.clip_b32}
         if "janus" in want:
-            out["janus"] = self._janus(run, embeds)
+            out["janus"] = self._janus(views, embeds)
         return out
 
-    def _janus(self, run: Run, embeds: torch.Tensor) -> dict[str, Any]:
-        front, back = 0, run.expected_views // 2
-        index = {int(_RENDER.match(p.name).group(1)): i for i, p in enumerate(run.renders)}
+    def _janus(self, views: Views, embeds: torch.Tensor) -> dict[str, Any]:
+        if views.janus is None:
+            return {"value": None, "reason": "fewer than two views scored", "model": self.clip_b32}
+        front, back = views.janus
+        index = {view: i for i, view in enumerate(views.ids)}
         if front not in index or back not in index or back == front:
             return {"value": None, "reason": f"views {front} and {back} are not both rendered", "model": self.clip_b32}
         value = cm.janus_score(embeds[index[front]], embeds[index[back]])
@@ -261,24 +311,30 @@ class Evaluator:
 
 
 def evaluate_run(path: str | Path, evaluator: Evaluator, force: bool = False, write: bool = True) -> dict[str, Any]:
-    """Evaluate one run directory; writes ``metrics.json`` into it (merged with earlier metrics) unless missing."""
+    """Evaluate one run directory under ``evaluator.protocol``; writes the protocol's metrics file
+    into it (merged with earlier metrics of that file) unless the run is missing."""
+    protocol = evaluator.rules
     run = read_run(path, force)
     if run is None:
-        return {"run": str(path), "missing": True, "divergence": missing().to_dict()}
-    images = load_images(run.renders)
-    divergence: Divergence = check_divergence(images)
-    result = {"run": str(run.path), "prompt": run.prompt, "views": len(images), "expected_views": run.expected_views,
+        return {"run": str(path), "missing": True, "protocol": protocol.name, "divergence": missing().to_dict()}
+    views = protocol_views(run, protocol, evaluator.device)
+    divergence: Divergence = check_divergence(views.images)  # on the views the protocol scores
+    result = {"run": str(run.path), "prompt": run.prompt, "protocol": protocol.name, "views": len(views.images),
+              "expected_views": views.expected, "scored_views": views.ids, "renders": views.source,
               "run_mvsdi_version": run.version, "mvsdi_version": mvsdi.__version__,
               "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "divergence": divergence.to_dict(),
-              "metrics": evaluator.evaluate(run, images)}
+              "metrics": evaluator.evaluate(run, views)}
     if write:
-        write_metrics(run.path, result)
+        write_metrics(run.path, result, protocol.metrics_file)
+        from mvsdi.evaluate.convergence import write_convergence  # here: that module imports this one
+        write_convergence(run, evaluator)  # RUN/convergence.json and .png (docs/benchmark.md)
     return result
 
 
-def write_metrics(path: Path, result: dict[str, Any]) -> None:
-    """Atomically write ``metrics.json``; metrics computed earlier and not recomputed now are kept."""
-    target = path / METRICS_FILE
+def write_metrics(path: Path, result: dict[str, Any], name: str = METRICS_FILE) -> None:
+    """Atomically write the metrics file ``name`` (the protocol's); metrics computed earlier into the
+    same file and not recomputed now are kept."""
+    target = path / name
     try:
         previous = json.loads(target.read_text()).get("metrics", {})
     except (OSError, ValueError, AttributeError):
