@@ -61,7 +61,8 @@ seed (--seed):
 
 outputs: RUN/config.json, log.jsonl, checkpoint.pt, summary.json, renders/ (evaluation views),
   validation/ (<evaluations>_viewN.png: RGB | normals every tenth of the run, also in
-  TensorBoard), turntable.mp4, tensorboard/.
+  TensorBoard; <evaluations>_front.png and convergence.jsonl: the convergence curve's front view
+  and its cost, scored by `mvsdi eval`), turntable.mp4, tensorboard/.
 
 exit codes:
   0    the run finished: summary.json's status is "completed" (or "diverged": the outputs are
