@@ -247,6 +247,76 @@ def test_paired_differences_use_only_pairs_where_neither_diverged():
 
 
 # ---------------------------------------------------------------------------------------------
+# the reference protocol: means over the prompts valid for both presets
+
+
+def test_reference_means_are_over_prompts_valid_for_every_preset():
+    rows = [row("a", "p1", psnr=1.0), row("a", "p2", psnr=2.0), row("a", "p3", psnr=3.0),
+            row("a", "p4", status="diverged", psnr=50.0),
+            row("b", "p1", psnr=5.0), row("b", "p2", status="diverged", psnr=99.0), row("b", "p3", psnr=7.0),
+            row("b", "p4", psnr=8.0)]
+    scored = agg.valid_for_all(rows, ["a", "b"])
+    assert scored == {("p1", 0), ("p3", 0)}
+    a, b = agg.summarise(rows, ["a", "b"], ["psnr"], scored)
+    assert a["psnr"][0] == pytest.approx(2.0) and b["psnr"][0] == pytest.approx(6.0)  # (1+3)/2, (5+7)/2
+    assert (a["divergence_rate"], b["divergence_rate"]) == (0.25, 0.25)  # still over every cell
+    ours_a, ours_b = agg.summarise(rows, ["a", "b"], ["psnr"])  # ours: each preset's own ok cells
+    assert ours_a["psnr"][0] == pytest.approx(2.0) and ours_b["psnr"][0] == pytest.approx(20 / 3)
+    (diff,) = agg.paired_differences(rows, "a", ["a", "b"], ["psnr"])
+    assert (diff["pairs"], diff["baseline_mean"], diff["preset_mean"], diff["mean_difference"]) == (2, 2.0, 6.0, 4.0)
+
+
+def reference_bench(root, spec, measured):
+    """Done cells of a Stable Diffusion bench without training: config, summary and renders as a finished
+    run has them, and ``metrics_reference.json`` from ``measured[(preset, prompt)]`` (absent: not evaluated)."""
+    import mvsdi
+
+    for cell in cells(spec, root):
+        (cell.path / "renders").mkdir(parents=True)
+        (cell.path / "config.json").write_text(json.dumps(cell.config.to_dict()))
+        summary = {"status": "completed", "versions": {"mvsdi": mvsdi.__version__}, "guidance_evaluations": 2,
+                   "unet_calls": 4, "train_seconds": 1.0}
+        (cell.path / "summary.json").write_text(json.dumps(summary))
+        for i in range(cell.config.eval_views):
+            iio.imwrite(cell.path / "renders" / f"{i:03d}.png", np.full((8, 8, 3), 128, np.uint8))
+        if (cell.preset, cell.prompt) in measured:
+            clip, diverged = measured[(cell.preset, cell.prompt)]
+            (cell.path / "metrics_reference.json").write_text(json.dumps(
+                {"protocol": "reference", "divergence": {"diverged": diverged, "reason": "26 of 50 views are degenerate"
+                                                         if diverged else None},
+                 "metrics": {"clip_score": {"mean": clip, "per_view": [clip]}}}))
+
+
+def test_aggregate_under_the_reference_protocol_writes_beside_ours(tmp_path):
+    spec = BenchSpec(presets=("sds", "mvsds-k2"), prompts=("a cat", "a dog", "a cow"), seeds=(0,),
+                     overrides={"model": "tiny", "budget": 2, "eval_views": 2, "device": "cpu"})
+    measured = {("sds", "a cat"): (0.30, False), ("sds", "a dog"): (0.20, False), ("sds", "a cow"): (0.9, True),
+                ("mvsds-k2", "a cat"): (0.34, False), ("mvsds-k2", "a dog"): (0.9, True)}  # a cow: not evaluated
+    reference_bench(tmp_path, spec, measured)
+    result = agg.aggregate(spec, tmp_path, protocol="reference")
+    assert result["protocol"] == "reference"
+    summary = {r["preset"]: r for r in read_csv(tmp_path / "reference" / "summary.csv")}
+    # only "a cat" is valid for both presets
+    assert float(summary["sds"]["clip_score_mean"]) == pytest.approx(0.30)
+    assert float(summary["mvsds-k2"]["clip_score_mean"]) == pytest.approx(0.34)
+    assert (summary["sds"]["ok"], summary["mvsds-k2"]["ok"], summary["mvsds-k2"]["missing"]) == ("2", "1", "1")
+    (paired,) = read_csv(tmp_path / "reference" / "paired.csv")
+    assert (paired["pairs"], float(paired["baseline_mean"]), float(paired["preset_mean"])) == ("1", 0.30, 0.34)
+    cow = next(r for r in result["rows"] if r["preset"] == "mvsds-k2" and r["prompt"] == "a cow")
+    assert cow["status"] == "missing" and "mvsdi eval --protocol reference" in cow["reason"]
+    report = (tmp_path / "reference" / "summary.md").read_text()
+    assert "Reference protocol" in report and "over the 1 (prompt, seed) pairs" in report
+    # ours is untouched: no tables, no gallery of its own were written by the reference's aggregation
+    assert not (tmp_path / "summary.csv").exists() and not (tmp_path / "gallery.html").exists()
+
+    with pytest.raises(ValueError, match="choose one of: ours, reference"):
+        agg.aggregate(spec, tmp_path, protocol="theirs")
+    ideal = BenchSpec(presets=("sds",), prompts=("mug",), seeds=(0,), overrides={"model": "ideal:16"})
+    with pytest.raises(ValueError, match="testbed prior"):
+        agg.aggregate(ideal, tmp_path, protocol="reference")
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input
 
 

@@ -16,19 +16,25 @@ from mvsdi.evaluate.image_reward import BLIP_TOKENIZER, IMAGE_REWARD_FILE, IMAGE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from mvsdi.evaluate.protocol import PROTOCOLS
     from mvsdi.evaluate.runs import DEFAULT_METRICS, KNOWN_METRICS
 
     p = subparsers.add_parser(
         "eval", help="compute evaluation metrics of run directories",
         description="Compute CLIP score, CLIP R-Precision, CLIP-IQA, the Janus score, the divergence flag and, when "
                     "asked for, HPSv2.1 and ImageReward v1.0 on the evaluation renders of each RUN, and write "
-                    "RUN/metrics.json. See docs/evaluation.md.",
+                    "RUN/metrics.json (--protocol reference: the MV-SDI reference's 50 of 120 turntable views, "
+                    "rendered from the checkpoint if needed, into RUN/metrics_reference.json). "
+                    "See docs/evaluation.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories written by `mvsdi generate`")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                    help=f"comma-separated, from: {', '.join(KNOWN_METRICS)}")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="ours",
+                   help="ours: the run's renders/ (metrics.json); reference: the MV-SDI reference's views and rules "
+                        "(metrics_reference.json)")
     p.add_argument("--prompts", type=Path, help="R-Precision's candidate prompts, one per line (default: the "
-                   "43 SDI benchmark prompts); the runs' own prompts are always added")
+                   "43 SDI benchmark prompts); --protocol ours adds the runs' own prompts, reference does not")
     p.add_argument("--clip-b32", default=CLIP_B32, metavar="ID_OR_PATH",
                    help="CLIP for CLIP score, R-Precision and Janus: hub id or local folder")
     p.add_argument("--clip-b16", default=CLIP_B16, metavar="ID_OR_PATH", help="CLIP for CLIP-IQA")
@@ -56,6 +62,8 @@ def _line(result: dict[str, Any]) -> str:
         return f"{result['run']}: missing (counted as diverged)"
     m = result["metrics"]
     parts = [f"{result['run']}: {result['prompt']!r}", f"views={result['views']}"]
+    if result.get("protocol", "ours") != "ours":
+        parts.append(f"protocol={result['protocol']}")
     for name in ("clip_score", "r_precision", "hpsv2", "image_reward"):
         if name in m:
             parts.append(f"{name}={_fmt(m[name]['mean'])}")
@@ -69,21 +77,34 @@ def _line(result: dict[str, Any]) -> str:
 
 
 def _evaluator(args: argparse.Namespace):
-    from mvsdi.evaluate.runs import Evaluator, benchmark_prompts, candidate_prompts, parse_metrics, read_run, \
-        read_prompt_file
+    from mvsdi.evaluate.protocol import REFERENCE, get_protocol, protocol_candidates
+    from mvsdi.evaluate.runs import Evaluator, benchmark_prompts, parse_metrics, read_run, read_prompt_file
     from mvsdi.priors.loading import resolve_device
 
     metrics = parse_metrics(args.metrics)
+    protocol = get_protocol(args.protocol)
     prompt_list = read_prompt_file(args.prompts) if args.prompts else benchmark_prompts()
     # read every run first: a bad run fails before minutes of model loading
-    runs = [read_run(path, args.force) for path in args.runs]
-    candidates = candidate_prompts([r.prompt for r in runs if r is not None], prompt_list)
+    runs = [run for run in (read_run(path, args.force) for path in args.runs) if run is not None]
+    if protocol.name == REFERENCE.name:  # its views may have to be rendered: checked before models load
+        _check_reference_views(runs)
+    candidates = protocol_candidates(protocol, [r.prompt for r in runs], prompt_list)
     evaluator = Evaluator(metrics, candidates, clip_b32=args.clip_b32, clip_b16=args.clip_b16,
                           hpsv2_checkpoint=args.hpsv2, hpsv2_tokenizer=args.hpsv2_tokenizer,
                           image_reward=args.image_reward, image_reward_tokenizer=args.image_reward_tokenizer,
-                          device=resolve_device(args.device))
+                          device=resolve_device(args.device), protocol=protocol.name)
     evaluator.check_available()
     return evaluator
+
+
+def _check_reference_views(runs) -> None:
+    """Every run must hold the reference views or a checkpoint to render them from."""
+    from mvsdi.evaluate.reference_renders import availability_problem
+    from mvsdi.evaluate.runs import RunError
+
+    problems = [problem for run in runs if (problem := availability_problem(run.path))]
+    if problems:
+        raise RunError("\n".join(problems))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -77,18 +77,22 @@ def clip_score(image_embeds: torch.Tensor, text_embed: torch.Tensor) -> torch.Te
     return cosine_matrix(image_embeds, text_embed.reshape(1, -1))[:, 0]
 
 
-def r_precision(similarity: torch.Tensor, target: int) -> torch.Tensor:
+def r_precision(similarity: torch.Tensor, target: int, ties: str = "miss") -> torch.Tensor:
     """Per image (row), 1.0 if the right text (column ``target``) is its top-1 retrieval, else 0.0.
 
-    A tie with another prompt counts as a miss: a model that cannot tell them apart did not retrieve it.
+    ``ties="miss"``: a tie with another prompt counts as a miss (a model that cannot tell them apart
+    did not retrieve it). ``ties="first"``: the MV-SDI reference's ``argmax``, where a tie goes to the
+    earliest candidate, so the right text also wins ties with the candidates after it.
     """
     if not 0 <= target < similarity.shape[1]:
         raise ValueError(f"target prompt index {target} outside the {similarity.shape[1]} candidates")
+    if ties not in ("miss", "first"):
+        raise ValueError(f"ties={ties!r}: use 'miss' or 'first'")
     right = similarity[:, target]
-    others = torch.cat([similarity[:, :target], similarity[:, target + 1:]], dim=1)
-    if others.shape[1] == 0:
-        return torch.ones_like(right)
-    return (right > others.max(dim=1).values).float()
+    before, after = similarity[:, :target], similarity[:, target + 1:]
+    beats_before = (right[:, None] > before).all(dim=1)
+    beats_after = (right[:, None] >= after if ties == "first" else right[:, None] > after).all(dim=1)
+    return (beats_before & beats_after).float()
 
 
 def clip_iqa(image_embeds: torch.Tensor, anchor_embeds: torch.Tensor,

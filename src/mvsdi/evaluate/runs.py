@@ -169,7 +169,7 @@ def ours_views(run: Run) -> Views:
 def reference_views(run: Run, device: str | torch.device) -> Views:
     """The reference's 50 scored turntable views (rendered from the checkpoint when the run lacks
     them); Janus pairs the first and the middle one of the 50."""
-    from mvsdi.evaluate.reference_renders import reference_views as find_or_render  # it imports this module
+    from mvsdi.evaluate.reference_renders import find_or_render  # here: that module imports this one
 
     found, source = find_or_render(run.path, device)
     ids = [i for i, _ in found]
@@ -179,7 +179,7 @@ def reference_views(run: Run, device: str | torch.device) -> Views:
 
 
 def protocol_views(run: Run, protocol: EvaluationProtocol, device: str | torch.device) -> Views:
-    return ours_views(run) if protocol is OURS else reference_views(run, device)
+    return ours_views(run) if protocol.name == OURS.name else reference_views(run, device)
 
 
 def load_images(paths: Sequence[Path]) -> list[torch.Tensor]:
