@@ -416,3 +416,25 @@ def test_local_executor_gives_each_worker_process_one_gpu(bench, tmp_path):
     run_local(cells(spec, tmp_path), settings, 0, results.append, gpus=["3", "5"])
     assert sorted((r["cell"], r["status"], r["cuda_visible_devices"]) for r in results) == [
         ("mvsds-k2/mug/s0", "skipped", "5"), ("sds/mug/s0", "skipped", "3")]
+
+
+def test_bench_protocol_flag_reaches_the_aggregation(tmp_path, monkeypatch, capsys):
+    import mvsdi.bench.aggregate as aggregate_module
+    import mvsdi.bench.matrix as matrix_module
+    from mvsdi.cli import main
+
+    seen = {}
+
+    def fake_aggregate(spec, out, protocol="ours"):
+        seen["protocol"] = protocol
+        (out / "reference").mkdir(parents=True, exist_ok=True)
+        (out / "reference" / "summary.md").write_text("reference summary\n")
+        return {"rows": []}
+
+    monkeypatch.setattr(aggregate_module, "aggregate", fake_aggregate)
+    monkeypatch.setattr(matrix_module, "read_spec", lambda out: None)
+    import mvsdi.bench.convergence as convergence_module
+
+    monkeypatch.setattr(convergence_module, "write_convergence", lambda out: None)
+    assert main(["bench", "--aggregate-only", str(tmp_path), "--protocol", "reference"]) == 0
+    assert seen["protocol"] == "reference" and "reference summary" in capsys.readouterr().out

@@ -44,6 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "cluster's head, 'auto' (the cluster this node belongs to) or 'local' (a private one here)")
     p.add_argument("--aggregate-only", type=Path, metavar="OUT",
                    help="only rebuild the tables, plots and gallery of an earlier bench at OUT")
+    p.add_argument("--protocol", choices=("ours", "reference"), default="ours",
+                   help="tables from each cell's metrics.json (ours) or metrics_reference.json (the MV-SDI reference's "
+                        "protocol: means over the prompts valid for every preset, in OUT/reference); the cells are "
+                        "measured with ours, so first run `mvsdi eval --protocol reference` on them (docs/evaluation.md)")
     common = p.add_argument_group("overrides applied to every cell (default: the preset's)")
     common.add_argument("--budget", type=int, help="guidance evaluations per run (a multiple of every preset's K)")
     common.add_argument("--resolution", type=int)
@@ -193,11 +197,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.aggregate_only:
             out = args.aggregate_only
-            result = aggregate(read_spec(out), out)
+            result = aggregate(read_spec(out), out, protocol=args.protocol)
         else:
             out = args.out
             spec = spec_from_args(args)
             result = run_bench(spec, eval_settings(spec, args), out, args.retries, args.executor, args.address)
+            if args.protocol == "reference":
+                result = aggregate(spec, out, protocol="reference")
         from mvsdi.bench.convergence import write_convergence  # per-preset curves (docs/benchmark.md)
         write_convergence(out)
     except (ValueError, FatalBenchError, MetricLoadError, PriorLoadError, RunDirectoryError, OSError) as exc:
@@ -206,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("mvsdi: interrupted; finished cells are kept: run the same command again to resume", file=sys.stderr)
         return 130
-    print((out / "summary.md").read_text())
+    print((out / ("reference" if args.protocol == "reference" else ".") / "summary.md").read_text())
     failed = sum(r["status"] == "failed" for r in result["rows"])
     print(f"bench written to {out}" + (f"; {failed} cell(s) failed, see {out}/cells.jsonl" if failed else ""))
     return 0
