@@ -47,7 +47,9 @@ def test_generate_writes_a_complete_run_directory(finished_run):
     # validation renders beside the TensorBoard copy: every step here (4 steps < 10 validations),
     # min(4, eval views) views each, RGB | normals at min(64, eval resolution)
     validation = sorted(p.name for p in (finished_run / "validation").iterdir())
-    assert validation == [f"{spent}_view{i}.png" for spent in (2, 4, 6, 8) for i in range(4)]
+    views = [f"{spent}_view{i}.png" for spent in (2, 4, 6, 8) for i in range(4)]
+    fronts = [f"{spent}_front.png" for spent in (2, 4, 6, 8)]  # the convergence curve's points
+    assert validation == sorted([*views, *fronts, "convergence.jsonl"])
     assert iio.imread(finished_run / "validation" / "8_view0.png").shape == (16, 32, 3)
     assert not any(p.name.startswith(".") for p in finished_run.parent.iterdir())  # no staging left behind
 
