@@ -86,7 +86,10 @@ def test_janus_score_of_an_object_without_front_or_back_is_the_neutral_half(trut
         [1.0] * int((azimuth < 45).sum()))
     # halfway between a front and a back view is exactly a tie
     front, back = truth[azimuth < 45][:1], truth[azimuth > 135][:1]
-    assert janus_evidence((front + back) / 2, front, back).abs().item() < 1e-6  # float32 midpoint
+    assert janus_evidence((front + back) / 2, front, back, mirrored=False).abs().item() < 1e-6  # float32 midpoint
+    # a mirrored front is a front
+    assert janus_evidence(front.flip(-1), front, back).item() == pytest.approx(1.0)
+    assert janus_evidence(back.flip(-1), front, back).item() == pytest.approx(-1.0)
 
 
 def test_view_r_precision(prior):
@@ -94,8 +97,23 @@ def test_view_r_precision(prior):
     chair = render_truth(SCENES["chair"], cameras, SIZE)
     assert view_r_precision(chair, prior, "chair") > 0.8
     assert view_r_precision(chair, prior, "duck") < 0.2
-    # renders at another size are resized to the prior's first
+    # the gallery is drawn at the renders' size; a turned object is matched view by view
     assert view_r_precision(render_truth(SCENES["car"], cameras[:10], 48), prior, "car") > 0.7
+    turned = render_truth(SCENES["car"], cameras, SIZE, rotation_deg=100.0)
+    assert view_r_precision(turned, prior, "car") > 0.8
+    assert view_r_precision(turned, ["chair", "duck", "car"], "car") > 0.8  # a list of scene names works too
+
+
+def test_view_r_precision_gives_nothing_for_an_empty_or_grey_render(prior):
+    """The empty image is a candidate: a render that shows nothing (or the study's nearly invisible
+    initial blob) is no evidence of any scene, however close some thin scene's views are to grey."""
+    from mvsdi.testbed.metrics import r_precision_gallery
+
+    empty = torch.full((50, 3, SIZE, SIZE), 0.5)
+    names = list(SCENES)
+    assert all(view_r_precision(empty, names, name) == 0.0 for name in names)
+    images, labels = r_precision_gallery(names, SIZE)
+    assert images.shape == (50 * len(names) + 1, 3, SIZE, SIZE) and labels[-1] == -1
 
 
 def test_diverged(truth):
@@ -137,3 +155,149 @@ def test_the_initial_blob_overlaps_every_scene():
     blob = Field(FieldConfig(n_levels=4, log2_table_size=10, base_resolution=4, per_level_scale=2.0, hidden_dim=8))
     scores = [iou_3d(blob, name, resolution=32) for name in SCENES]
     assert all(0 < x < 0.9 for x in scores) and sum(scores) / len(scores) > 0.2  # the thin lamp overlaps least
+
+
+# ------------------------------------------------------------------------------------------------
+# the metrics order candidates of known order (docs/testbed_sanity.md), at the study's settings
+
+
+def _study_candidates_rows(name: str, others: list[str], blob_views):
+    """evaluate_field of each sanity candidate against ``name`` at the small study's settings (the
+    blob's renders, the same for every scene, are drawn once: ``blob_views``)."""
+    from mvsdi.testbed.metrics import evaluate_renders, sanity_candidates
+    from mvsdi.testbed.study import METHODS, SMALL, cell_config
+
+    config = cell_config(SMALL, "sds", METHODS[0], name, 0)
+    other = others[(others.index(name) + 1) % len(others)]
+    rows = {}
+    for candidate, field in sanity_candidates(name, blob_views[0], other).items():
+        views = blob_views[1:] if candidate == "blob" else render_views(
+            field, ConstantBackground(), config.eval_views, SMALL.image_size, config.samples_per_ray)
+        rows[candidate] = evaluate_renders(*views, field, name, others)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def study_blob():
+    """The initial field of the small study's cells (seed 0) and its evaluation renders."""
+    from mvsdi.distill import Model
+    from mvsdi.testbed.study import METHODS, SMALL, cell_config
+
+    config = cell_config(SMALL, "sds", METHODS[0], "mug", 0)
+    blob = Model.create(config, torch.device("cpu")).field
+    return (blob, *render_views(blob, ConstantBackground(), config.eval_views, SMALL.image_size, config.samples_per_ray))
+
+
+@pytest.mark.parametrize("name", ["mug", "chair"])
+def test_every_metric_orders_the_sanity_candidates_with_its_margin(name, study_blob):
+    """Truth, Janus twin, blurred truth, the study's initial blob and another scene, at the study's
+    32² and sample count: every rule of SANITY_RULES holds (the chair's truth scored Janus 0.69 when
+    its metric renders took the 24 training samples per ray)."""
+    from mvsdi.testbed.metrics import sanity_checks
+
+    rows = _study_candidates_rows(name, list(SCENES), study_blob)
+    failed = [(rule.metric, rule.text, round(slack, 3)) for rule, slack in sanity_checks(rows) if slack < 0]
+    assert not failed, failed
+    assert rows["blob"]["r_precision"] == 0.0 and rows["other"]["r_precision"] == 0.0
+
+
+def owl():
+    """A scene made by a user: an owl facing +x (face disc, beak, eyes in front; a tail behind)."""
+    from mvsdi.testbed import Scene, sdf
+
+    body = sdf.translate(sdf.ellipsoid((0.26, 0.24, 0.36)), (0.0, 0.0, -0.15))
+    face = sdf.translate(sdf.ellipsoid((0.05, 0.17, 0.14)), (0.2, 0.0, 0.05))
+    eyes = sdf.union(*[sdf.translate(sdf.sphere(0.05), (0.24, y, 0.09)) for y in (-0.07, 0.07)])
+    beak = sdf.capsule((0.24, 0.0, 0.0), (0.32, 0.0, -0.04), 0.03)
+    tail = sdf.translate(sdf.box((0.1, 0.12, 0.04), 0.02), (-0.3, 0.0, -0.45))
+    return Scene.from_parts("test-owl", "a brown owl with a white face", [
+        (body, (0.45, 0.3, 0.15)), (face, (0.95, 0.92, 0.85)), (eyes, (0.98, 0.75, 0.1)), (beak, (0.95, 0.55, 0.1)),
+        (tail, (0.3, 0.18, 0.08))])
+
+
+def test_a_registered_scene_gets_the_same_sanity(study_blob):
+    """The Janus twin is built from the scene itself: a user's scene gets a high Janus score for its
+    twin and a low one for its truth, and every rule holds as on the built-in scenes."""
+    from mvsdi.testbed import register_scene
+    from mvsdi.testbed.metrics import sanity_checks
+
+    register_scene(owl())
+    try:
+        rows = _study_candidates_rows("test-owl", list(SCENES), study_blob)
+    finally:
+        SCENES.pop("test-owl", None)
+    assert rows["janus_twin"]["janus"] >= 0.8 and rows["truth"]["janus"] <= 0.1
+    failed = [(rule.metric, rule.text, round(slack, 3)) for rule, slack in sanity_checks(rows) if slack < 0]
+    assert not failed, failed
+
+
+# ------------------------------------------------------------------------------------------------
+# metric renders skip empty space: within the renderer's error bound of the dense renders
+
+
+def _dropped_weight(field, grid, n_views: int, size: int, n_samples: int, config) -> torch.Tensor:
+    """[V, 1, s, s]: E of each pixel, the dense weight of every sample the skipping renderer may drop
+    (in a cell the grid leaves empty, or with alpha <= the alpha threshold if there is one) plus the
+    transmittance threshold (early termination drops at most that much); ``mvsdi.render``: |Δrgb| <= 2E."""
+    from mvsdi.cameras import rays
+    from mvsdi.render import composite_weights, ray_box, sample_distances
+
+    origins, directions = rays(evaluation_cameras(n_views), size, size)
+    near, far, _ = ray_box(origins, directions, field.cfg.bound)
+    t, delta = sample_distances(near, far, n_samples, False, None)
+    points = origins[..., None, :] + t[..., None] * directions[..., None, :]
+    with torch.no_grad():
+        density = field(points)[0]
+    weights = composite_weights(density, delta)
+    dropped = ~grid.occupied(points)
+    if config.alpha_threshold > 0:
+        dropped |= -torch.expm1(-density * delta) <= config.alpha_threshold
+    return ((weights * dropped).sum(-1) + config.transmittance_threshold)[:, None]
+
+
+def _structured_field():
+    """The small field with its hash table drawn at unit scale: a lumpy, coloured, soft object."""
+    torch.manual_seed(1)
+    field = Field(FieldConfig(n_levels=4, log2_table_size=12, base_resolution=4, per_level_scale=2.0, hidden_dim=16))
+    with torch.no_grad():
+        field.encoding.embeddings.normal_(0.0, 1.0)
+    return field
+
+
+@pytest.mark.parametrize("which", ["structured", "chair"])
+def test_skipping_metric_renders_equal_the_dense_ones_within_the_renderer_bound(which, prior):
+    from mvsdi.render import DENSE
+    from mvsdi.testbed.metrics import EVALUATION_RENDER, MIN_EVALUATION_SAMPLES, evaluation_grid
+
+    field = _structured_field() if which == "structured" else SceneField(SCENES["chair"])
+    n, size, samples = 50, 12, MIN_EVALUATION_SAMPLES
+    rng = torch.random.get_rng_state()
+    skipped, skipped_opacity = render_views(field, ConstantBackground(), n, size, samples)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # measuring draws nothing
+    dense, dense_opacity = render_views(field, ConstantBackground(), n, size, samples, config=DENSE)
+    bound = 2.0 * _dropped_weight(field, evaluation_grid(field, samples), n, size, samples, EVALUATION_RENDER)
+    float32 = 1e-5  # composited in float32 (prefix sums in float64): a few ulps of values in [0, 1]
+    assert ((skipped - dense).abs() <= bound + float32).all()
+    assert ((skipped_opacity - dense_opacity).abs() <= bound / 2 + float32).all()
+    # the metrics: PSNR moves by at most 20·log10(1 + δ/rmse) with δ the RMS of the bound (the RMS error
+    # of every rotation moves by at most δ); IoU does not use the renders; the view decisions hold
+    truth = render_truth(SCENES["chair"], evaluation_cameras(n), size)
+    psnr_skip, rot_skip = aligned_psnr(skipped, truth)
+    psnr_dense, rot_dense = aligned_psnr(dense, truth)
+    delta = float((bound + float32).square().mean().sqrt())
+    rmse = 10.0 ** (-max(psnr_skip, psnr_dense) / 20.0)
+    assert abs(psnr_skip - psnr_dense) <= 20.0 * math.log10(1.0 + delta / rmse)
+    assert abs(psnr_skip - psnr_dense) < 0.05 and rot_skip == rot_dense
+    assert janus_score(skipped, truth, rot_skip) == janus_score(dense, truth, rot_dense)
+    assert view_r_precision(skipped, prior, "chair") == view_r_precision(dense, prior, "chair")
+
+
+def test_the_evaluation_grid_is_the_fields_own_and_dilated():
+    from mvsdi.testbed.metrics import evaluation_grid
+    from mvsdi.render import DENSE
+
+    field = _structured_field()
+    plain, dilated = evaluation_grid(field, 64, dilation=0), evaluation_grid(field, 64)
+    assert evaluation_grid(field, 64, DENSE) is None
+    pooled = torch.nn.functional.max_pool3d(plain.values[None, None], 3, stride=1, padding=1)[0, 0]
+    assert torch.equal(dilated.values, pooled) and dilated.occupied_fraction >= plain.occupied_fraction

@@ -83,6 +83,31 @@ def test_two_references_match_hand_computed_weights():
     assert torch.allclose(x0[0].double(), w0 * x[0].double() + (1 - w0) * x[1].double(), atol=1e-6)
 
 
+def test_a_data_variance_gives_the_exact_gaussian_mixture_posterior_mean():
+    """References with data variance σ_d²·I: E[x0|x_t] = Σ_i w_i (μ_i + σ_d² a/(a²σ_d² + s²)(x_t − a μ_i)),
+    w_i ∝ N(x_t; a μ_i, (a²σ_d² + s²) I), computed here by hand in float64."""
+    pair = images(2, size=8, seed=5).double()
+    sigma = 0.3
+    prior = IdealDenoiserPrior.from_images({"a": pair}, data_sigma=sigma)
+    mu = pair.flatten(1) * 2 - 1
+    for t in (0, 300, 999):
+        alpha = float(prior.alphas_cumprod.double()[t])
+        a, s2 = math.sqrt(alpha), 1.0 - alpha
+        var = alpha * sigma ** 2 + s2
+        x_t = a * (0.5 * mu[0] + 0.5 * mu[1]) + 0.2 * torch.randn(mu.shape[1], generator=torch.Generator().manual_seed(t),
+                                                                 dtype=torch.float64)
+        logits = torch.stack([-(x_t - a * mu[i]).square().sum() / (2 * var) for i in range(2)])
+        w = torch.softmax(logits, 0)
+        expected = sum(w[i] * (mu[i] + sigma ** 2 * a / var * (x_t - a * mu[i])) for i in range(2))
+        got = prior.denoise(x_t.view(1, 3, 8, 8), torch.tensor([t]), prior.embed_texts(["a"]))
+        assert got.dtype == torch.float64
+        assert torch.allclose(got.flatten(), expected, rtol=0, atol=1e-12)
+    exact = IdealDenoiserPrior.from_images({"a": pair})
+    assert exact.data_sigma == 0.0  # the default is the exact denoiser of the images themselves
+    with pytest.raises(ValueError, match="data_sigma"):
+        IdealDenoiserPrior.from_images({"a": pair}, data_sigma=-0.1)
+
+
 def test_stable_at_tiny_noise_and_far_inputs():
     prior = IdealDenoiserPrior.from_images({"a": images(5)})
     x_t = 100.0 * torch.randn(2, 3, 8, 8)
@@ -164,7 +189,7 @@ def test_cache_round_trip_and_detection(tmp_path, count_renders):
     settings = dict(scenes=["duck"], n_references=6, image_size=16, cache_dir=tmp_path)
     first = IdealDenoiserPrior(**settings)
     assert count_renders == ["duck"]
-    path = tmp_path / "duck-m6-s16-seed0.pt"
+    path = tmp_path / f"duck-m6-s16-seed0-v{prior_module.FORMAT_VERSION}.pt"
     assert path.exists() and not list(tmp_path.glob("*.tmp"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a good cache loads without a word

@@ -134,3 +134,74 @@ def test_scene_field_quacks_like_a_field():
     assert (d_in > 100).all() and (d_out < 1e-6).all()
     assert field.occupancy(inside).all() and not field.occupancy(outside).any()
     assert math.isclose(float(field(torch.tensor([[1.01, 0.0, 0.0]]))[0]), 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# scenes derived from a scene: the Janus twin and the blurred truth
+
+
+def test_the_janus_twin_is_the_front_half_mirrored_onto_the_back():
+    from mvsdi.testbed.scenes import janus_twin
+
+    points = torch.rand(4096, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5 - 0.75
+    for scene in [*SCENES.values(), BALL]:
+        twin = janus_twin(scene)
+        assert twin.name == f"{scene.name}-janus"
+        front = points[:, 0] >= 0
+        d, c = twin.sdf_and_colour(points)
+        d0, c0 = scene.sdf_and_colour(points)
+        assert torch.equal(d[front], d0[front]) and torch.equal(c[front], c0[front])  # the front half is the scene's
+        mirrored = points * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+        assert torch.equal(twin.sdf(points), twin.sdf(mirrored))  # and the back half its mirror image
+        assert torch.equal(twin.colour(points), twin.colour(mirrored))
+
+
+def test_the_janus_twin_renders_its_front_from_behind():
+    """Seen from azimuth 180°, the twin shows the mirror image of the scene seen from 0°."""
+    from mvsdi.testbed.scenes import janus_twin
+
+    twin = janus_twin(SCENES["penguin"])
+    front = render_truth(SCENES["penguin"], cameras([0.0]), 32)
+    back = render_truth(twin, cameras([180.0]), 32)
+    assert ((back - front.flip(-1)).abs() > 0.1).float().mean() < 0.01
+    try:
+        register_scene(twin)  # a twin fits wherever its scene fits
+    finally:
+        SCENES.pop(twin.name, None)
+
+
+def test_the_blur_is_a_gaussian_convolution():
+    """The 27-point Gauss–Hermite rule is exact for polynomials of degree <= 5 in each coordinate:
+    a linear function is unchanged, |p|² gains 3σ², a constant colour stays."""
+    from mvsdi.testbed.scenes import blurred_scene
+
+    sigma = 0.04
+    points = torch.rand(1000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5
+    plane = Scene("test-plane", "a plane", lambda p: p @ torch.tensor([0.3, -0.5, 0.8], dtype=p.dtype) - 0.1,
+                  lambda p: torch.full_like(p, 0.25))
+    blurred = blurred_scene(plane, sigma)
+    assert torch.allclose(blurred.sdf(points), plane.sdf(points), rtol=0, atol=1e-15)
+    assert torch.allclose(blurred.colour(points), torch.full_like(points, 0.25), rtol=0, atol=1e-15)
+    bowl = Scene("test-bowl", "a paraboloid", lambda p: p.square().sum(-1), lambda p: p.abs())
+    assert torch.allclose(blurred_scene(bowl, sigma).sdf(points), bowl.sdf(points) + 3 * sigma ** 2, rtol=0, atol=1e-15)
+    d, c = blurred_scene(bowl, sigma).sdf_and_colour(points.reshape(10, 100, 3))  # any leading shape
+    assert d.shape == (10, 100) and c.shape == (10, 100, 3)
+    with pytest.raises(ValueError):
+        blurred_scene(plane, 0.0)
+
+
+def test_the_blurred_scene_loses_thin_parts_and_keeps_the_body():
+    from mvsdi.testbed.scenes import blurred_scene
+
+    lamp = SCENES["lamp"]
+    blurred = blurred_scene(lamp, 0.03)
+    arm_middle = torch.tensor([[-0.15, 0.0, -0.235]])  # on the lower arm's axis (radius 0.03)
+    assert lamp.sdf(arm_middle) < 0 < blurred.sdf(arm_middle)
+    base = torch.tensor([[-0.1, 0.0, -0.55]])
+    assert blurred.sdf(base) < 0
+    try:
+        register_scene(blurred)  # still a scene: fits, renders, sphere traces
+    finally:
+        SCENES.pop(blurred.name, None)
+    image = render_truth(blurred, cameras([30.0]), 24)
+    assert image.shape == (1, 3, 24, 24) and ((image - 0.5).abs() > 0.05).any()

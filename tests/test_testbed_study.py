@@ -244,16 +244,39 @@ def test_a_short_sds_run_beats_the_initial_blob_in_its_views():  # 3D IoU: the n
     assert end["r_precision"] > start["r_precision"]
     assert end["psnr"] > start["psnr"] + 1.0
     assert end["janus"] < start["janus"]
-    SHORT_SDS_RUN.update(start=start, end=end)
+    SHORT_SDS_RUN.update(start=start, end=end, prior=prior)
 
 
 SHORT_SDS_RUN: dict = {}
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15: the 3D IoU of one short SDS run can end below the initial "
-                   "blob's (0.39-0.47 vs 0.48 on the mug at seed 0 since the 2026-12 camera sampling; 0.54 "
-                   "before it, on another random stream): the instrument's IoU is not yet reliable at one seed")
 def test_a_short_sds_run_beats_the_initial_blob_in_3d_iou():
+    """issue 15: with threestudio's jitter in the training views but not in the references, this run
+    ended at IoU 0.39 against the blob's 0.48; with the views drawn from the references' cameras
+    (prior.TESTBED_CAMERAS) and 256 references per scene it ends above the blob."""
     if not SHORT_SDS_RUN:
         pytest.skip("needs test_a_short_sds_run_beats_the_initial_blob_in_its_views to have run first")
     assert SHORT_SDS_RUN["end"]["iou"] > SHORT_SDS_RUN["start"]["iou"]
+
+
+def test_quality_does_not_fall_from_a_shorter_to_a_longer_run():
+    """issue 15: an instrument whose reconstructions get worse with budget cannot rank methods. The
+    same cell at a third of the budget must not end better than the short run above (its 3D IoU and
+    aligned PSNR), up to a margin for the run-to-run noise of one seed."""
+    import dataclasses
+
+    import torch
+
+    from mvsdi.testbed.study import SMALL, cell_config, run_cell
+
+    if not SHORT_SDS_RUN:
+        pytest.skip("needs test_a_short_sds_run_beats_the_initial_blob_in_its_views to have run first")
+    shorter_settings = dataclasses.replace(SMALL, budget=SMALL.budget // 3)
+    shorter = run_cell(SHORT_SDS_RUN["prior"], cell_config(shorter_settings, "sds", METHODS[0], "mug", 0), (1.0,),
+                       torch.device("cpu")).rows[-1]
+    longer = SHORT_SDS_RUN["end"]
+    assert longer["iou"] >= shorter["iou"] - QUALITY_MARGIN["iou"]
+    assert longer["psnr"] >= shorter["psnr"] - QUALITY_MARGIN["psnr"]
+
+
+QUALITY_MARGIN = {"iou": 0.02, "psnr": 0.2}

@@ -31,6 +31,7 @@ along its whole chord (s = 0.005 grew silhouettes by about a pixel at 64²).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -254,6 +255,85 @@ def get_scene(name: str) -> Scene:
 
 for _build in (_mug, _snowman, _chair, _house, _duck, _car, _lamp, _penguin):
     register_scene(_build())
+
+
+# ------------------------------------------------------------------------------------------------
+# scenes derived from a scene: the sanity candidates of the metrics (benchmarks/testbed_sanity.py)
+
+
+def _mirror_back(p: Tensor) -> Tensor:
+    """(|x|, y, z): every point of the back half (x < 0) replaced by its mirror image in the front half."""
+    return torch.cat([p[..., :1].abs(), p[..., 1:]], -1)
+
+
+def janus_twin(scene: Scene) -> Scene:
+    """``scene`` with its back replaced by its front: sdf'(x, y, z) = sdf(|x|, y, z), colour likewise.
+
+    The scenes face +x (azimuth 0 is the front), so the twin is what a Janus failure makes of the
+    object: seen from behind (azimuth 180° − φ) it shows the mirror image of its front seen from φ.
+    It is built from the scene's own functions, so it exists for any registered scene. (|x|, y, z)
+    is 1-Lipschitz, so the twin's SDF is still a lower bound of the distance and can be sphere
+    traced; the twin fits wherever the scene fits.
+    """
+    def evaluate(p: Tensor) -> tuple[Tensor, Tensor]:
+        return scene.sdf_and_colour(_mirror_back(p))
+
+    return Scene(f"{scene.name}-janus", f"{scene.description} (front on both sides)",
+                 lambda p: scene.sdf(_mirror_back(p)), lambda p: scene.colour(_mirror_back(p)), scene.version, evaluate)
+
+
+# Gauss–Hermite rule for one axis of N(0, sigma²): nodes 0, ±√3·sigma with weights 2/3, 1/6, 1/6 (exact for
+# polynomials of degree 5); the blur uses its 27-point product over the three axes.
+_GH_NODES = (-math.sqrt(3.0), 0.0, math.sqrt(3.0))
+_GH_WEIGHTS = (1.0 / 6.0, 2.0 / 3.0, 1.0 / 6.0)
+# The blurred truth's sigma, in world units: a third of a pixel of a 32² evaluation view (0.0875 units a pixel
+# at the object), the radius of the thinnest parts. Chosen on the sanity table (docs/testbed_sanity.md): at 0.02
+# the blurred mug scored a higher PSNR than the mug's own 64-sample volume render (that render's sampling error
+# is larger than such a blur); at 0.05 the chair's 0.07 slabs and most of the lamp eroded away (IoU 0.28 and
+# 0.05), leaving little of the object to be partly right.
+BLUR_SIGMA = 0.03
+_BLUR_CHUNK = 2 ** 15  # query points per pass of the 27 taps: bounds the memory of a blurred scene
+
+
+def blurred_scene(scene: Scene, sigma: float = BLUR_SIGMA) -> Scene:
+    """``scene`` low-passed: its SDF and its colour each convolved with an isotropic Gaussian of
+    standard deviation ``sigma`` (27-point Gauss–Hermite product rule).
+
+    The right object with its detail removed: edges rounded, parts of radius up to about ``sigma``
+    (the lamp's and the snowman's arms, eyes) eroded away, colour boundaries (the mug's logo, the
+    penguin's belly) smeared, while the front stays the front. A weighted mean of 1-Lipschitz
+    functions is 1-Lipschitz, so the blurred SDF of exact distances still bounds the distance from
+    below (sphere tracing works). The blurred object reaches at most 3·sigma (the farthest tap)
+    beyond the scene, and a convex part shrinks (the mean of a convex function is above its value).
+    """
+    if sigma <= 0:
+        raise ValueError(f"the blur's sigma must be > 0, got {sigma}")
+    grid = torch.tensor([[a, b, c] for a in _GH_NODES for b in _GH_NODES for c in _GH_NODES], dtype=torch.float64)
+    taps = grid * sigma
+    weights = torch.tensor([wa * wb * wc for wa in _GH_WEIGHTS for wb in _GH_WEIGHTS for wc in _GH_WEIGHTS],
+                           dtype=torch.float64)
+
+    def blur(p: Tensor, colour: bool) -> tuple[Tensor, Tensor | None]:
+        flat = p.reshape(-1, 3)
+        offsets, w = taps.to(flat), weights.to(flat)
+        distances, colours = [], []
+        for piece in flat.split(_BLUR_CHUNK):
+            points = (piece[:, None, :] + offsets[None]).reshape(-1, 3)
+            if colour:
+                d, c = scene.sdf_and_colour(points)
+                colours.append((c.to(flat).reshape(-1, len(w), 3) * w[None, :, None]).sum(1))
+            else:
+                d = scene.sdf(points)
+            distances.append((d.to(flat).reshape(-1, len(w)) * w).sum(1))
+        d = torch.cat(distances).reshape(p.shape[:-1]) if distances else p.new_zeros(p.shape[:-1])
+        c = (torch.cat(colours) if colours else p.new_zeros(0, 3)).reshape(*p.shape[:-1], 3) if colour else None
+        return d, c
+
+    def evaluate(p: Tensor) -> tuple[Tensor, Tensor]:
+        return blur(p, True)
+
+    return Scene(f"{scene.name}-blurred", f"{scene.description} (blurred by {sigma:g})", lambda p: blur(p, False)[0],
+                 lambda p: blur(p, True)[1], scene.version, evaluate)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from mvsdi.rundir import atomic_write_bytes, atomic_write_json, to_uint8
 from mvsdi.schedules import LossWeights, Ramp, Schedules, ShadingSchedule
 from mvsdi.testbed.metrics import evaluate_renders, render_views
 from mvsdi.testbed.scenes import ConstantBackground
-from mvsdi.testbed.prior import IdealDenoiserPrior
+from mvsdi.testbed.prior import TESTBED_CAMERAS, IdealDenoiserPrior
 from mvsdi.variance import MIN_BOOTSTRAP_REPEATS, compare_estimators
 
 # view R-precision, aligned PSNR, 3D IoU (higher is better) and Janus score (lower is better)
@@ -69,7 +69,7 @@ class StudySettings:
     guidances: tuple[str, ...] = ("sds", "sdi")
     budget: int = 96  # guidance evaluations per cell; a multiple of every method's K
     image_size: int = 32
-    references: int = 64
+    references: int = 256  # per scene; 64 left the truth's renders far from every reference (prior.TESTBED_CAMERAS)
     samples_per_ray: int = 32
     fractions: tuple[float, ...] = (0.25, 0.5, 1.0)  # where the metrics are taken
     variance_repeats: int = 8  # gradient draws per method and point of the run
@@ -91,7 +91,11 @@ def cell_config(settings: StudySettings, guidance: str, method: Method, scene: s
     """The run of one cell: the generate presets with the prompt = scene and the prior swapped.
 
     Albedo shading only and no normal-based regulariser: the references are albedo renders, and
-    normals triple the renderer's cost on CPU. SDS uses ``TESTBED_SDS_SCALE``.
+    normals triple the renderer's cost on CPU. SDS uses ``TESTBED_SDS_SCALE``. The training views
+    are drawn from the references' camera distribution (``TESTBED_CAMERAS``: per-view distance and
+    elevation as in the reference, fovy fixed, without threestudio's position, centre and up jitter):
+    with jitter the prior was asked about off-centre views it had never seen, the truth was far
+    from a fixed point of the distillation, and runs got worse with budget (issue 15).
     """
     base = preset("sds" if guidance == "sds" else "sdi", scene)
     if guidance == "sds":
@@ -101,7 +105,7 @@ def cell_config(settings: StudySettings, guidance: str, method: Method, scene: s
         base, views=method.views, sampler=method.sampler, budget=settings.budget, seed=seed,
         model=f"ideal:{settings.image_size}", device=settings.device, resolution=settings.image_size,
         eval_resolution=settings.image_size, samples_per_ray=settings.samples_per_ray, field=settings.field,
-        prompts=PromptConfig(view_dependent=False, perp_neg=False),
+        cameras=TESTBED_CAMERAS, prompts=PromptConfig(view_dependent=False, perp_neg=False),
         schedules=Schedules(shading=ShadingSchedule(ambient_only_until=1.0), weights=weights))
 
 
