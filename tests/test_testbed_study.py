@@ -253,7 +253,7 @@ SHORT_SDS_RUN: dict = {}
 def test_a_short_sds_run_beats_the_initial_blob_in_3d_iou():
     """issue 15: with threestudio's jitter in the training views but not in the references, this run
     ended at IoU 0.39 against the blob's 0.48; with the views drawn from the references' cameras
-    (prior.TESTBED_CAMERAS) and 256 references per scene it ends above the blob."""
+    (prior.TESTBED_CAMERAS) and 256 references per scene it ends at 0.533."""
     if not SHORT_SDS_RUN:
         pytest.skip("needs test_a_short_sds_run_beats_the_initial_blob_in_its_views to have run first")
     assert SHORT_SDS_RUN["end"]["iou"] > SHORT_SDS_RUN["start"]["iou"]
@@ -261,8 +261,10 @@ def test_a_short_sds_run_beats_the_initial_blob_in_3d_iou():
 
 def test_quality_does_not_fall_from_a_shorter_to_a_longer_run():
     """issue 15: an instrument whose reconstructions get worse with budget cannot rank methods. The
-    same cell at a third of the budget must not end better than the short run above (its 3D IoU and
-    aligned PSNR), up to a margin for the run-to-run noise of one seed."""
+    same cell at a third of the budget must end with a lower 3D IoU than the short run above and
+    not a clearly higher aligned PSNR. Measured (mug, seed 0): 32 → 96 evaluations gave IoU
+    0.402 → 0.533 and PSNR 21.84 → 23.62 dB; before the fix 0.398 → 0.394 and 23.38 → 23.17
+    (fails both). Longer runs, too slow for the suite: docs/testbed.md, issue 15."""
     import dataclasses
 
     import torch
@@ -275,8 +277,8 @@ def test_quality_does_not_fall_from_a_shorter_to_a_longer_run():
     shorter = run_cell(SHORT_SDS_RUN["prior"], cell_config(shorter_settings, "sds", METHODS[0], "mug", 0), (1.0,),
                        torch.device("cpu")).rows[-1]
     longer = SHORT_SDS_RUN["end"]
-    assert longer["iou"] >= shorter["iou"] - QUALITY_MARGIN["iou"]
-    assert longer["psnr"] >= shorter["psnr"] - QUALITY_MARGIN["psnr"]
+    assert longer["iou"] > shorter["iou"]
+    assert longer["psnr"] >= shorter["psnr"] - PSNR_NOISE_DB
 
 
-QUALITY_MARGIN = {"iou": 0.02, "psnr": 0.2}
+PSNR_NOISE_DB = 0.2  # a chosen tolerance: one seed's aligned PSNR moves by a few tenths of a dB between nearby budgets
