@@ -4,7 +4,6 @@ The view selection, the Janus pair, the R-Precision tie rule and the divergence 
 reference's scripts/evaluate.py (recomputed here with numpy as that script does), and the CLI end to
 end on a tiny generated run whose reference views are rendered from its checkpoint."""
 
-import argparse
 import json
 
 import imageio.v3 as iio
@@ -14,11 +13,12 @@ import torch
 
 import mvsdi
 from mvsdi.cli import main
-from mvsdi.evaluate import cli, runs
+from mvsdi.evaluate import runs
 from mvsdi.evaluate import clip_metrics as cm
 from mvsdi.evaluate.protocol import (OURS, REFERENCE, get_protocol, janus_positions, protocol_candidates,
                                      reference_turntable_azimuths, reference_view_indices)
 from mvsdi.evaluate.reference_renders import MANIFEST, reference_cameras
+from test_evaluate import eval_cli  # the same `mvsdi eval` driver as the default protocol's tests
 
 # scripts/evaluate.py: np.linspace(0, 120 - 1, 50, dtype=int) over the 120 test renders, as numpy
 # computes it: positions 21 and 42 fall a rounding error below 51 and 102 and truncate to 50 and 101
@@ -27,14 +27,6 @@ REFERENCE_INDICES = [0, 2, 4, 7, 9, 12, 14, 17, 19, 21, 24, 26, 29, 31, 34, 36, 
                      116, 119]
 PROMPT = "a wooden chair"
 PROMPTS = [PROMPT, "a blue teapot", "a red apple"]
-
-
-def eval_cli(argv, capsys):
-    parser = argparse.ArgumentParser(prog="mvsdi")
-    cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    code = cli.run(parser.parse_args(["eval", *argv]))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def write_png(path, image):
