@@ -9,4 +9,5 @@ demo: setup
 	.venv/bin/mvsdi testbed --out runs/testbed --overwrite
 
 test: setup
+	.venv/bin/ruff check src tests benchmarks
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -258,7 +258,8 @@ def setup(session: Session, rec: dict) -> None:
         message = DIFFUSERS_HELP.format(error=exc)
         print(f"gpu_record: error: {message}", file=sys.stderr, flush=True)
         raise RuntimeError(message) from exc
-    from mvsdi.priors.loading import load_prior, resolve_device
+    from mvsdi.models import load_prior
+    from mvsdi.priors.loading import resolve_device
 
     session.device = resolve_device(args.device)
     env.update(device_environment(torch, session.device))
@@ -325,7 +326,8 @@ def environment() -> dict[str, Any]:
     versions = {}
     for name in DEPENDENCIES:
         found = importlib.util.find_spec(name) is not None
-        dist = {"PIL": "Pillow", "imageio_ffmpeg": "imageio-ffmpeg", "huggingface_hub": "huggingface-hub"}.get(name, name)
+        dist = {"PIL": "Pillow", "imageio_ffmpeg": "imageio-ffmpeg",
+                "huggingface_hub": "huggingface-hub"}.get(name, name)
         try:
             versions[name] = metadata.version(dist) if found else None
         except metadata.PackageNotFoundError:
@@ -747,7 +749,8 @@ def target_c(session: Session, resolution: int) -> dict[str, Any]:
     if 1 in peaks and 4 in peaks:
         source = f"speed section, SDI {resolution}²"
     else:
-        peaks = {r["views"]: r["peak_gpu_memory_gib"] for r in session.record["sections"].get("generate", {}).get("runs", [])
+        generate_runs = session.record["sections"].get("generate", {}).get("runs", [])
+        peaks = {r["views"]: r["peak_gpu_memory_gib"] for r in generate_runs
                  if r.get("status") == "measured" and r.get("peak_gpu_memory_gib") is not None}
         source = "mvsdi generate runs" if 1 in peaks and 4 in peaks else None
     ratio = peaks[4] / peaks[1] if source else None
@@ -773,7 +776,8 @@ def markdown(session: Session) -> str:
     lines = ["# GPU record (issue 14)", "",
              f"- date: {r['date']}; device: {env.get('device', 'n/a')}; "
              f"torch {env.get('torch', 'n/a')} (CUDA {env.get('torch_cuda')}), diffusers {versions.get('diffusers')}, "
-             f"triton {versions.get('triton')}, transformers {versions.get('transformers')}, python {env.get('python')}",
+             f"triton {versions.get('triton')}, transformers {versions.get('transformers')}, "
+             f"python {env.get('python')}",
              f"- command: `{r['command']}`",
              f"- elapsed {fmt(r.get('elapsed_seconds'), 0)} s of a {r['budget_seconds']:g} s budget; "
              f"missing modules: {', '.join(env.get('missing', [])) or 'none'}", "",
@@ -807,7 +811,8 @@ def speed_markdown(session: Session) -> list[str]:
     lines = ["", "## Speed per guidance evaluation (benchmarks/speed.py's measure)", ""]
     if measured and session.speed is not None:
         lines += [session.speed.markdown(measured), "",
-                  "| guidance | K | res | UNet passes / eval | warm-up s | wall s | steps |", "|---|---|---|---|---|---|---|"]
+                  "| guidance | K | res | UNet passes / eval | warm-up s | wall s | steps |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {m['guidance']} | {m['views']} | {m['resolution']} | {fmt(m['unet_passes_per_evaluation'], 2)} | "
                   f"{fmt(m['warmup_seconds'])} | {fmt(m['wall_seconds'])} | {m['steps']} |" for m in measured]
     return lines + not_measured(rows)

@@ -36,7 +36,8 @@ import torch
 from mvsdi.config import preset
 from mvsdi.distill import Distiller, Model
 from mvsdi.field import Field, FieldConfig
-from mvsdi.priors.loading import load_prior, resolve_device
+from mvsdi.models import load_prior
+from mvsdi.priors.loading import resolve_device
 from mvsdi.rundir import atomic_write_json
 
 RUN_BUDGET = 10_000
@@ -185,16 +186,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b = r["breakdown_ms_per_evaluation"]
-        lines.append(f"| {r['guidance']} | {r['views']} | {r['resolution']} | {r['targets']} | {fmt(r['ms_per_evaluation'])} | "
+        lines.append(f"| {r['guidance']} | {r['views']} | {r['resolution']} | {r['targets']} | "
+                     f"{fmt(r['ms_per_evaluation'])} | "
                      + " | ".join(fmt(b[p]) for p in (*PARTS, "other"))
                      + f" | {fmt(r['unet_calls_per_evaluation'], 2)} | {fmt(r['unet_images_per_evaluation'], 1)} | "
-                     f"{fmt(r['total_over_unet'], 2)} | {fmt(r['peak_memory_gib'], 2)} | {fmt(r['projected_10k_minutes'])} |")
+                     f"{fmt(r['total_over_unet'], 2)} | {fmt(r['peak_memory_gib'], 2)} | "
+                     f"{fmt(r['projected_10k_minutes'])} |")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="random-sd21", help="random-sd21 (real shapes, random weights), tiny, or a folder")
+    p.add_argument("--model", default="random-sd21",
+                   help="random-sd21 (real shapes, random weights), tiny, or a folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--guidance", nargs="+", choices=("sds", "sdi"), default=["sds", "sdi"])
     p.add_argument("--views", nargs="+", type=int, choices=(1, 2, 4), default=[1, 2, 4])

@@ -27,7 +27,8 @@ def main() -> int:
     cpu = torch.device("cpu")
     prior = IdealDenoiserPrior(n_references=SMALL.references, image_size=SMALL.image_size, device=cpu)
     methods = {m.name: m for m in METHODS}
-    print(f"threads {torch.get_num_threads()}, kernels {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")
+    print(f"threads {torch.get_num_threads()}, kernels {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch {torch.__version__}")
     for guidance, name in CELLS:
         start = time.perf_counter()
         row = run_cell(prior, cell_config(SMALL, guidance, methods[name], "mug", 0), (1.0,), cpu).rows[-1]

@@ -128,7 +128,7 @@ def speed(settings: StudySettings, prior, scene: str, seed: int, repeats: int, d
              "|---|---|---|---|---|---|---|---|---|"]
     dense = {minimum: out[label][0] for label, rc, minimum in variants if rc is DENSE}
     med = {label: {k: statistics.median(v) for k, v in t.items()} for label, t in timing.items()}
-    for label, render_config, minimum in variants:
+    for label, _render_config, minimum in variants:
         renders, row, stats = out[label]
         delta = (renders - dense[minimum]).abs().max().item()
         t = med[label]
@@ -139,7 +139,8 @@ def speed(settings: StudySettings, prior, scene: str, seed: int, repeats: int, d
     before, now = med[variants[0][0]], med[variants[-1][0]]
     lines += ["", f"Whole metrics of the cell, before → now: {before['all_wall']:.2f} → {now['all_wall']:.2f} s wall "
               f"({before['all_wall'] / now['all_wall']:.1f}×), {before['all_cpu']:.2f} → {now['all_cpu']:.2f} s CPU "
-              f"({before['all_cpu'] / now['all_cpu']:.1f}×); the renders alone {before['render_wall'] / now['render_wall']:.1f}× "
+              f"({before['all_cpu'] / now['all_cpu']:.1f}×); "
+              f"the renders alone {before['render_wall'] / now['render_wall']:.1f}× "
               f"(wall), at {spr} samples per ray {before['render_wall'] / med[variants[1][0]]['render_wall']:.1f}×."]
     return "\n".join(lines) + "\n"
 
@@ -162,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     # reads the prior's reference images, so the prior itself is built only to train the --speed cell.
     known = list(SCENES)
     config = cell_config(settings, settings.guidances[0], METHODS[0], names[0], args.seed)
+    command_args = argv if argv is not None else sys.argv[1:]
     head = [f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.platform()}, {platform.processor() or '?'}, "
             f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, device {device}.",
-            f"Command: `python {' '.join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}`.",
+            f"Command: `python {' '.join(shlex.quote(a) for a in [sys.argv[0], *command_args])}`.",
             f"Settings `{args.settings}`: {config.eval_views} evaluation views at {settings.image_size}², candidate "
             f"objects of R-precision: the {len(known)} registered scenes (the study's prior has {settings.references} "
             f"references of each; no metric reads them), training samples per "
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(scene_table(name, results[name]))
         print(parts[-1], flush=True)
     checks, failures = checks_table(results)
-    text = "\n".join(head) + "\n" + "\n".join(parts) + "\nSlack of each rule (achieved minus required; ≥ 0 holds):\n\n" \
+    text = "\n".join(head) + "\n" + "\n".join(parts) \
+        + "\nSlack of each rule (achieved minus required; ≥ 0 holds):\n\n" \
         + checks + f"\n{failures} of {len(M.SANITY_RULES) * len(names)} checks fail " \
         f"({time.perf_counter() - started:.0f} s).\n"
     if args.speed:

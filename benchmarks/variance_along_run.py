@@ -29,7 +29,7 @@ from mvsdi.testbed.study import METHODS, SMALL, cell_config, run_cell, variance_
 
 def measure(guidance: str, scene: str, seed: int, repeats: int, fractions: tuple[float, ...], budget: int | None):
     settings = dataclasses.replace(SMALL, scenes=(scene,), seeds=(seed,), variance_repeats=repeats,
-                                   variance_fractions=fractions, **({"budget": budget} if budget else {}))
+                                   variance_fractions=fractions, **({"budgets": (budget,)} if budget else {}))
     device = torch.device(settings.device)
     prior = IdealDenoiserPrior(n_references=settings.references, image_size=settings.image_size, device=device)
     config = cell_config(settings, guidance, METHODS[0], scene, seed)
@@ -68,7 +68,8 @@ def main() -> None:
         settings, found = measure(guidance, args.scene, args.seed, args.repeats, fractions, args.budget)
         rows += found
     print(f"Scene {args.scene}, seed {args.seed}, budget {settings.budget}, {settings.image_size}² renders, "
-          f"R = {args.repeats} draws per method and point; {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"R = {args.repeats} draws per method and point; {time.strftime('%Y-%m-%d')}, "
+          f"{platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s.\n")
     print(markdown(rows))
 

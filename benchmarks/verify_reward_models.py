@@ -8,7 +8,8 @@ outputs are compared on the same images and texts.
     # 1. the isolated environment (never the project's .venv: these pins break it)
     python -m venv /tmp/venv-official
     /tmp/venv-official/bin/pip install /opt/wheels/torch-2.13.0+cpu-*.whl numpy pillow ftfy regex transformers==4.30.2
-    /tmp/venv-official/bin/pip install --no-deps torchvision==0.28.0 timm==0.6.13 open_clip_torch==2.24.0 image-reward==1.5
+    /tmp/venv-official/bin/pip install --no-deps torchvision==0.28.0 timm==0.6.13 open_clip_torch==2.24.0
+    /tmp/venv-official/bin/pip install --no-deps image-reward==1.5
     /tmp/venv-official/bin/pip install --no-deps --no-build-isolation fairscale==0.4.13
     # 2. both sides, then the comparison (writes DIR/report.json)
     .venv/bin/python benchmarks/verify_reward_models.py --official-python /tmp/venv-official/bin/python --out DIR
@@ -174,7 +175,7 @@ def ours_image_reward(out: Path, official: dict) -> dict:
 
     from mvsdi.evaluate.clip_metrics import OPENAI_MEAN, OPENAI_STD, preprocess
     from mvsdi.evaluate.image_reward import load_image_reward
-    from mvsdi.evaluate.runs import load_images
+    from mvsdi.evaluate.run_folder import load_images
 
     tokenizer_folder = out / "bert-ours"
     BertTokenizer(vocab=str(out / "bert" / "vocab.txt")).save_pretrained(tokenizer_folder)
@@ -198,7 +199,7 @@ def ours_image_reward(out: Path, official: dict) -> dict:
 
 def ours_hpsv2(out: Path, official: dict) -> dict:
     from mvsdi.evaluate.clip_metrics import clip_score, cosine_matrix, load_hpsv2, normalise
-    from mvsdi.evaluate.runs import load_images
+    from mvsdi.evaluate.run_folder import load_images
 
     scorer = load_hpsv2(str(out / "hps.pt"), str(out / "clip-tokenizer"))
     io = torch.load(out / "hps_io.pt", weights_only=True)

@@ -20,7 +20,8 @@ SMALL_FIELD = FieldConfig(n_levels=4, log2_table_size=12, base_resolution=8, per
 
 def _parameters():
     torch.manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)), torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    return [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)),
+            torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
 
 
 def _losses(parameters, directions):

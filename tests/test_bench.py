@@ -148,8 +148,9 @@ def test_an_interrupted_run_is_resumed_from_its_checkpoint(bench, tmp_path, monk
 
     monkeypatch.setattr(mvsdi.generate, "generate", lambda config, path, **kwargs: finish("generate", path))
     settings = EvalSettings.from_dict(json.loads((cell.path / "bench_metrics.json").read_text())["settings"])
-    for fake, expected_calls, status in ((resume, [("resume", cell.path)], "resumed"),
-                                         (cannot_resume, [("resume", cell.path), ("generate", cell.path)], "generated")):
+    cases = ((resume, [("resume", cell.path)], "resumed"),
+             (cannot_resume, [("resume", cell.path), ("generate", cell.path)], "generated"))
+    for fake, expected_calls, status in cases:
         monkeypatch.setattr(mvsdi.generate, "resume", fake)
         summary_file.write_text(json.dumps({**json.loads(completed), "status": "interrupted"}))
         calls.clear()
@@ -218,7 +219,7 @@ def test_summary_means_intervals_and_divergence_rate():
     a, b = agg.summarise(rows, ["a", "b"], ["psnr"])
     assert (a["cells"], a["ok"], a["failed"], a["divergence_rate"]) == (4, 3, 1, 0.25)
     mean, half = a["psnr"]
-    assert mean == pytest.approx(2.0) and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # t(2) · s / √n
+    assert mean == pytest.approx(2.0) and half == pytest.approx(4.302653 / math.sqrt(3))  # t(0.975, 2) · s / √n
     assert b["psnr"][0] == 5.0 and math.isnan(b["psnr"][1])  # the diverged 99 is out; one value: no interval
     assert (b["divergence_rate"], b["peak_memory_gib"], b["unet_calls"]) == (0.5, 3.0, 20)
 
@@ -243,7 +244,7 @@ def test_paired_differences_use_only_pairs_where_neither_diverged():
     (diff,) = agg.paired_differences(rows, "a", ["a", "b"], ["psnr"])
     assert (diff["preset"], diff["pairs"]) == ("b", 2)
     assert diff["mean_difference"] == pytest.approx(1.5)  # (2−1, 4−2)
-    assert diff["ci95"] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
+    assert diff["ci95"] == pytest.approx(12.706205 * math.sqrt(0.5) / math.sqrt(2))  # t(0.975, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,8 +339,8 @@ def test_bad_inputs_exit_2_with_the_reason(tmp_path, capsys):
     assert "blank line(s) [2]" in bench_error(["--prompts", blank, *TINY, *out], capsys)
     twice = str(prompt_file(tmp_path, "mug", "duck", "Mug", name="twice.txt"))
     assert "line 3 repeats line 1" in bench_error(["--prompts", twice, *TINY, *out], capsys)
-    assert "testbed scene" in bench_error(["--prompts", str(prompt_file(tmp_path, "a cat", name="cat.txt")), *TINY, *out],
-                                          capsys)
+    cat = str(prompt_file(tmp_path, "a cat", name="cat.txt"))
+    assert "testbed scene" in bench_error(["--prompts", cat, *TINY, *out], capsys)
     assert "K=4" in bench_error(["--presets", "sds,mvsds-k4", "--prompts", mug, *TINY, *out], capsys)
     assert "each once" in bench_error(["--prompts", mug, "--seeds", "0,1,1", *TINY, *out], capsys)
     assert "no readable bench.json" in bench_error(["--aggregate-only", str(tmp_path)], capsys)
@@ -349,7 +350,8 @@ def test_bad_inputs_exit_2_with_the_reason(tmp_path, capsys):
 def test_weights_that_cannot_be_loaded_stop_the_bench_with_the_loaders_message(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     err = bench_error(["--presets", "sds", "--prompts", str(prompt_file(tmp_path, "a cat")), "--model", str(missing),
-                       "--budget", "2", "--resolution", "16", "--device", "cpu", "--out", str(tmp_path / "out")], capsys)
+                       "--budget", "2", "--resolution", "16", "--device", "cpu", "--out", str(tmp_path / "out")],
+                      capsys)
     assert str(missing) in err
 
 

@@ -144,8 +144,8 @@ def test_jitter_follows_the_reference_magnitudes():
     assert (still.center == 0).all() and (still.eye_offset == 0).all()
 
 
-@pytest.mark.parametrize("name,k,needs", [("antipodal", 1, ">= 2"), ("mixed", 2, "K = 4"),
-                                          ("octahedral", 4, "K = 6"), ("random", 0, ">= 1"), ("random_axis", 1, ">= 2")])
+@pytest.mark.parametrize("name,k,needs", [("antipodal", 1, ">= 2"), ("mixed", 2, "K = 4"), ("octahedral", 4, "K = 6"),
+                                          ("random", 0, ">= 1"), ("random_axis", 1, ">= 2")])
 def test_invalid_k_is_an_error_that_says_what_works(name, k, needs):
     with pytest.raises(ValueError, match=needs):
         sample_views(name, k, gen())

@@ -22,7 +22,8 @@ def run(args, capsys):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "strawberry"
-    assert main(["generate", "a ripe strawberry", "--preset", "mvsdi-k2", "--budget", "8", "--out", str(out), *FAST]) == 0
+    args = ["generate", "a ripe strawberry", "--preset", "mvsdi-k2", "--budget", "8", "--out", str(out), *FAST]
+    assert main(args) == 0
     return out
 
 
@@ -63,7 +64,8 @@ def test_existing_run_is_refused_and_left_untouched(finished_run, capsys):
 
 def test_overwrite_replaces_the_run_only_when_the_new_one_completes(tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["generate", "a red apple", "--preset", "sds", "--budget", "2", "--eval-views", "2", "--out", str(out), *FAST]) == 0
+    args = ["generate", "a red apple", "--preset", "sds", "--budget", "2", "--eval-views", "2", "--out", str(out)]
+    assert main([*args, *FAST]) == 0
     # a failing replacement (model cannot load) leaves the old run as it was
     code, _ = run(["generate", "a red apple", "--preset", "sds", "--budget", "2", "--model", str(tmp_path / "nope"),
                    "--overwrite", "--out", str(out), *FAST[2:]], capsys)
@@ -121,3 +123,19 @@ def test_eval_is_wired_into_the_main_command(finished_run, capsys):
     assert "diverged" in json.dumps(metrics)
     code, text = run(["eval", str(finished_run), "--metrics", "clip_scroe"], capsys)
     assert code == 2 and "clip_score" in text
+
+
+def test_an_ideal_prior_run_trains_on_the_references_cameras():
+    """`generate --model ideal` draws its views like the testbed's references (no jitter, fovy 55°),
+    unless the run chose its cameras."""
+    import dataclasses
+
+    from mvsdi.cameras import CameraRanges
+    from mvsdi.cli import _ideal_prior_cameras
+    from mvsdi.config import preset
+    from mvsdi.testbed.prior import TESTBED_CAMERAS
+
+    assert _ideal_prior_cameras(preset("sds", "duck", model="ideal:32")).cameras == TESTBED_CAMERAS
+    assert _ideal_prior_cameras(preset("sds", "duck", model="tiny")).cameras == CameraRanges()
+    chosen = dataclasses.replace(CameraRanges(), elevation_deg=(0.0, 10.0))
+    assert _ideal_prior_cameras(preset("sds", "duck", model="ideal:32", cameras=chosen)).cameras == chosen

@@ -10,8 +10,7 @@ import torch
 
 from mvsdi import cli
 from mvsdi.priors.loading import resolve_device
-from mvsdi.rundir import atomic_torch_save, atomic_write_bytes, atomic_write_json, read_checkpoint, RunDirectoryError
-
+from mvsdi.rundir import RunDirectoryError, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_checkpoint
 
 # ------------------------------------------------------------------------------------------------
 # --device

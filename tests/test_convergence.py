@@ -19,9 +19,9 @@ from mvsdi.distill import Distiller
 from mvsdi.evaluate import cli as eval_cli
 from mvsdi.evaluate import clip_metrics as cm
 from mvsdi.evaluate import convergence as ec
-from mvsdi.evaluate.runs import load_images
+from mvsdi.evaluate.run_folder import load_images
 from mvsdi.generate import CONVERGENCE_POINTS, Validation, forget_points_after, front_camera, read_points
-from mvsdi.testbed.study import t_quantile_95
+from mvsdi.statistics import t_quantile_95
 
 # K=2, budget 8: four steps, so a point after each (fewer than ten steps: every step ends a tenth)
 TINY = ["--model", "tiny", "--preset", "mvsds-k2", "--budget", "8", "--resolution", "16", "--samples-per-ray", "8",

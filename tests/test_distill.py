@@ -10,8 +10,8 @@ from mvsdi.field import FieldConfig
 from mvsdi.guidance import guidance_loss, guidance_target, sdi_unet_calls, timestep
 from mvsdi.priors.stable_diffusion import StableDiffusionPrior
 from mvsdi.render import DENSE, render
-from mvsdi.variance import flat_gradient
 from mvsdi.schedules import Schedules, ShadingSchedule, fraction_spent
+from mvsdi.variance import flat_gradient
 
 CPU = torch.device("cpu")
 SMALL_FIELD = FieldConfig(n_levels=4, log2_table_size=12, base_resolution=8, per_level_scale=2.0, hidden_dim=16)

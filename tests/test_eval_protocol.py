@@ -10,15 +10,15 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from test_evaluate import eval_cli  # the same `mvsdi eval` driver as the default protocol's tests
 
 import mvsdi
 from mvsdi.cli import main
-from mvsdi.evaluate import runs
 from mvsdi.evaluate import clip_metrics as cm
+from mvsdi.evaluate import run_folder, runs
 from mvsdi.evaluate.protocol import (OURS, REFERENCE, get_protocol, janus_positions, protocol_candidates,
                                      reference_turntable_azimuths, reference_view_indices)
 from mvsdi.evaluate.reference_renders import MANIFEST, reference_cameras
-from test_evaluate import eval_cli  # the same `mvsdi eval` driver as the default protocol's tests
 
 # scripts/evaluate.py: np.linspace(0, 120 - 1, 50, dtype=int) over the 120 test renders, as numpy
 # computes it: positions 21 and 42 fall a rounding error below 51 and 102 and truncate to 50 and 101
@@ -182,7 +182,7 @@ def test_eval_reference_end_to_end_renders_the_views_and_keeps_ours_apart(tiny_r
     # Janus: the cosine of turntable views 0 and 60 (the first and the middle of the 50)
     assert (m["janus"]["front_view"], m["janus"]["back_view"]) == (0, 60)
     scorer = cm.ClipScorer.load(str(tiny_clip), "t", "--clip-b32")
-    e = scorer.embed_images(torch.stack(runs.load_images([folder / "000.png", folder / "060.png"])))
+    e = scorer.embed_images(torch.stack(run_folder.load_images([folder / "000.png", folder / "060.png"])))
     assert m["janus"]["value"] == pytest.approx(cm.janus_score(e[0], e[1]), abs=1e-5)
 
     # ours afterwards: its own file, and the reference's is left as it was

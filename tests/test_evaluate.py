@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import mvsdi
+from mvsdi.evaluate import cli, run_folder, runs
 from mvsdi.evaluate import clip_metrics as cm
-from mvsdi.evaluate import cli, runs
 from mvsdi.evaluate.divergence import MEAN_FLOOR, STD_FLOOR, check_divergence, is_degenerate
 
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +196,12 @@ def reference_blocks(x, sd, prefix, heads, causal):
 def reference_image(sd, pixels, heads):
     w = sd["visual.conv1.weight"]
     x = F.conv2d(pixels, w, stride=w.shape[-1]).flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1) + sd["visual.positional_embedding"]
+    class_token = sd["visual.class_embedding"].expand(x.shape[0], 1, -1)
+    x = torch.cat([class_token, x], dim=1) + sd["visual.positional_embedding"]
     x = F.layer_norm(x, x.shape[-1:], sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
     x = reference_blocks(x, sd, "visual.", heads, causal=False)
-    return F.layer_norm(x[:, 0], x.shape[-1:], sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+    pooled = F.layer_norm(x[:, 0], x.shape[-1:], sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
+    return pooled @ sd["visual.proj"]
 
 
 def reference_text(sd, ids, heads):
@@ -282,17 +284,17 @@ def test_degenerate_view_thresholds():
 
 
 def test_prompt_lists(tmp_path):
-    assert len(runs.benchmark_prompts()) == 43
+    assert len(run_folder.benchmark_prompts()) == 43
     bad = tmp_path / "p.txt"
     bad.write_text("a cat\n\na dog\n  \n")
     with pytest.raises(ValueError, match=r"blank line\(s\) \[2, 4\]"):
-        runs.read_prompt_file(bad)
+        run_folder.read_prompt_file(bad)
     bad.write_text("a cat\na dog\nA  Cat\n")
     with pytest.raises(ValueError, match="line 3 repeats line 1"):
-        runs.read_prompt_file(bad)
+        run_folder.read_prompt_file(bad)
     with pytest.raises(ValueError, match="cannot read"):
-        runs.read_prompt_file(tmp_path / "none.txt")
-    assert runs.candidate_prompts(["A cat", "a frog"], ["a cat", "a dog"]) == ["A cat", "a frog", "a dog"]
+        run_folder.read_prompt_file(tmp_path / "none.txt")
+    assert run_folder.candidate_prompts(["A cat", "a frog"], ["a cat", "a dog"]) == ["A cat", "a frog", "a dog"]
 
 
 def test_unknown_metric_lists_the_known_ones():
@@ -326,7 +328,7 @@ def test_eval_end_to_end(tiny_clip, tmp_path, capsys):
     assert (m["janus"]["front_view"], m["janus"]["back_view"]) == (0, 4) and -1 <= m["janus"]["value"] <= 1
     # the Janus score is the cosine of views 0 and V/2 by the same model
     scorer = cm.ClipScorer.load(str(tiny_clip), "t", "--clip-b32")
-    imgs = runs.load_images([good / "renders" / "000.png", good / "renders" / "004.png"])
+    imgs = run_folder.load_images([good / "renders" / "000.png", good / "renders" / "004.png"])
     e = scorer.embed_images(torch.stack(imgs))
     assert m["janus"]["value"] == pytest.approx(cm.janus_score(e[0], e[1]), abs=1e-5)
     dark_result = json.loads((dark / "metrics.json").read_text())
@@ -366,7 +368,8 @@ def test_eval_bad_inputs(tiny_clip, tmp_path, capsys):
 
     code, _, err = eval_cli([str(old), "--force", "--clip-b32", str(tmp_path / "no-model")], capsys)
     assert code == 2 and "--clip-b32" in err and "no such folder" in err
-    assert not (old / "metrics.json").exists() or "clip_score" in json.loads((old / "metrics.json").read_text())["metrics"]
+    metrics_file = old / "metrics.json"
+    assert not metrics_file.exists() or "clip_score" in json.loads(metrics_file.read_text())["metrics"]
 
 
 def test_fewer_views_than_configured_janus_reports_why(tiny_clip, tmp_path, capsys):

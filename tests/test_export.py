@@ -153,7 +153,8 @@ def test_export_mesh_formats_read_back(run_dir, fmt):
 @pytest.mark.parametrize("fmt", export.VIDEO_FORMATS)
 def test_turntable_has_the_asked_frames_and_size(run_dir, tmp_path, fmt):
     out = tmp_path / f"spin.{fmt}"  # the format follows --out's suffix
-    assert main(["export", str(run_dir), "--out", str(out), "--frames", "5", "--resolution", "16", "--device", "cpu"]) == 0
+    assert main(["export", str(run_dir), "--out", str(out), "--frames", "5", "--resolution", "16",
+                 "--device", "cpu"]) == 0
     frames = iio.imread(out, index=None)
     assert frames.shape == (5, 16, 3 * 16, 3)
     assert frames.std() > 1.0  # RGB | normals | depth, not a blank video

@@ -148,7 +148,7 @@ def test_no_graph_when_grad_is_disabled():
             f = Field(dataclasses.replace(SMALL, normal_type=kind)).double()
             f.load_state_dict(field.state_dict())
             with context():
-                nbytes, outputs = saved_bytes(f, lambda: f.with_normals(x))
+                nbytes, outputs = saved_bytes(f, lambda f=f: f.with_normals(x))
             assert all(t.grad_fn is None and not t.requires_grad for t in outputs), kind
             # the reference's first backward needs a (freed) graph w.r.t. x even here
             assert nbytes == 0 or kind == "autograd"

@@ -104,7 +104,8 @@ def test_sdi_eta_noise_follows_the_ddim_variance():
         e = eps_np(x, -7.5)
         x0 = (x - torch.sqrt(1 - ac[cur]) * e) / torch.sqrt(ac[cur])
         sigma = torch.sqrt((1 - ac[cur]) / (1 - ac[nxt]) * (1 - ac[nxt] / ac[cur]))
-        x = torch.sqrt(ac[nxt]) * x0 + torch.sqrt(1 - ac[nxt]) * e + 0.3 * sigma * torch.randn(z.shape[1:], generator=g).double()
+        noise = torch.randn(z.shape[1:], generator=g).double()
+        x = torch.sqrt(ac[nxt]) * x0 + torch.sqrt(1 - ac[nxt]) * e + 0.3 * sigma * noise
     expected = (x - torch.sqrt(1 - ac[t]) * eps_np(x, 7.5)) / torch.sqrt(ac[t])
     assert torch.allclose(target.double(), expected, atol=1e-4)
 

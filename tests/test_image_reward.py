@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_evaluate import eval_cli, make_run, textured
 
 from mvsdi.evaluate import image_reward as ir
 from mvsdi.evaluate.clip_metrics import OPENAI_MEAN, OPENAI_STD, MetricLoadError
-from test_evaluate import eval_cli, make_run, textured
 
 WORDS = ["a", "an", "the", "cat", "dog", "red", "blue", "car", "on", "photo", "of", "##s", "##ing"]
 VISION = dict(width=128, heads=2, layers=2, patch=8, grid=4)  # 32² images; BLIP heads are 64 wide
@@ -122,7 +122,8 @@ def reference_reward(sd, pixels, ids, mask):
     image = reference_vit(sd, pixels)
     e = "blip.text_encoder.embeddings."
     ln = lambda y, p: F.layer_norm(y, (t,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-12)  # noqa: E731
-    x = ln(sd[e + "word_embeddings.weight"][ids] + sd[e + "position_embeddings.weight"][: ids.shape[1]], e + "LayerNorm")
+    x = ln(sd[e + "word_embeddings.weight"][ids] + sd[e + "position_embeddings.weight"][: ids.shape[1]],
+           e + "LayerNorm")
     for i in range(TEXT["num_hidden_layers"]):  # BERT post-norm: self-attention, cross-attention, feed-forward
         p = f"blip.text_encoder.encoder.layer.{i}."
         for block, memory, key_mask in (("attention.", x, mask), ("crossattention.", image, None)):
@@ -229,12 +230,13 @@ def test_load_errors_name_the_metric_the_source_and_the_fix(checkpoint_folder, t
 
     short = tmp_path / "short-tokenizer"
     BertTokenizer(vocab=dict(list(bert_vocab().items())[:-2])).save_pretrained(short)
-    with pytest.raises(MetricLoadError, match=r"(?s)tokenizer.*tokens, but the text encoder has.*--image-reward-tokenizer"):
+    with pytest.raises(MetricLoadError,
+                       match=r"(?s)tokenizer.*tokens, but the text encoder has.*--image-reward-tokenizer"):
         ir.load_image_reward(str(checkpoint_folder), str(short))
 
 
 def test_mvsdi_eval_image_reward_on_a_run(checkpoint_folder, tokenizer_folder, tmp_path, capsys):
-    from mvsdi.evaluate.runs import load_images
+    from mvsdi.evaluate.run_folder import load_images
 
     run = make_run(tmp_path, "run", "a red car", textured(5))
     flags = ["--metrics", "image_reward", "--image-reward", str(checkpoint_folder),

@@ -20,8 +20,8 @@ from mvsdi.config import RunConfig, preset
 from mvsdi.distill import Distiller, Model
 from mvsdi.field import Background, Field, FieldConfig
 from mvsdi.occupancy import OccupancyGrid, density_function, density_threshold_for
-from mvsdi.render import (DENSE, RenderConfig, _Rays, _Selection, composite_weights, ray_box, render,
-                          sample_distances, select_samples)
+from mvsdi.render import (DENSE, RenderConfig, _Rays, _Selection, composite_weights, ray_box, render, sample_distances,
+                          select_samples)
 from mvsdi.testbed.prior import IdealDenoiserPrior
 
 CPU = torch.device("cpu")

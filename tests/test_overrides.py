@@ -51,10 +51,10 @@ FAST = ["--model", "tiny", "--resolution", "16", "--samples-per-ray", "8", "--ev
 
 def test_method_flags_reach_the_runs_config_and_a_consensus_run_logs_its_weights(tmp_path):
     out = tmp_path / "run"
-    args = ["generate", "a chair", "--preset", "mvsdi-k4", "--budget", "8", "--out", str(out), "--schedule", "reference",
-            "--aggregation", "consensus", "--elevation-range", "-5", "30", "--guidance-scale", "5",
-            "--inversion-guidance-scale", "-5", "--negative-prompt", "blurry", "--tv-weight", "0.01",
-            "--tv-warmup", "0.1", "--set", "guidance.delta_max=20", *FAST]
+    args = ["generate", "a chair", "--preset", "mvsdi-k4", "--budget", "8", "--out", str(out),
+            "--schedule", "reference", "--aggregation", "consensus", "--elevation-range", "-5", "30",
+            "--guidance-scale", "5", "--inversion-guidance-scale", "-5", "--negative-prompt", "blurry",
+            "--tv-weight", "0.01", "--tv-warmup", "0.1", "--set", "guidance.delta_max=20", *FAST]
     assert main(args) == 0
     config = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
     assert config.schedule == "reference" and config.schedules == reference_schedules(4, config.schedules)
@@ -84,7 +84,8 @@ def test_a_runs_config_json_passed_back_with_config_repeats_the_run(tmp_path):
                  "--out", str(first), *FAST]) == 0
     assert main(["generate", "--config", str(first / "config.json"), "--out", str(again), *FAST]) == 0
     assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
-    losses = [[json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()] for run in (first, again)]
+    losses = [[json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+              for run in (first, again)]
     assert losses[0] == losses[1]  # the same machine and software: bit for bit
     assert main(["generate", "--config", str(first / "config.json"), "--seed", "1", "--set", "optim.lr=0.02",
                  "--out", str(varied), *FAST]) == 0

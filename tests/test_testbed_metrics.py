@@ -7,7 +7,7 @@ import torch
 
 from mvsdi.cameras import evaluation_cameras
 from mvsdi.field import Background, Field, FieldConfig
-from mvsdi.testbed import (ConstantBackground, IdealDenoiserPrior, SCENES, SceneField, aligned_psnr, diverged,
+from mvsdi.testbed import (SCENES, ConstantBackground, IdealDenoiserPrior, SceneField, aligned_psnr, diverged,
                            evaluate_field, iou_3d, janus_score, render_truth, view_r_precision)
 from mvsdi.testbed.metrics import render_views
 
@@ -185,7 +185,8 @@ def study_blob():
 
     config = cell_config(SMALL, "sds", METHODS[0], "mug", 0)
     blob = Model.create(config, torch.device("cpu")).field
-    return (blob, *render_views(blob, ConstantBackground(), config.eval_views, SMALL.image_size, config.samples_per_ray))
+    views = render_views(blob, ConstantBackground(), config.eval_views, SMALL.image_size, config.samples_per_ray)
+    return (blob, *views)
 
 
 @pytest.mark.parametrize("name", ["mug", "chair"])
@@ -293,8 +294,8 @@ def test_skipping_metric_renders_equal_the_dense_ones_within_the_renderer_bound(
 
 
 def test_the_evaluation_grid_is_the_fields_own_and_dilated():
-    from mvsdi.testbed.metrics import evaluation_grid
     from mvsdi.render import DENSE
+    from mvsdi.testbed.metrics import evaluation_grid
 
     field = _structured_field()
     plain, dilated = evaluation_grid(field, 64, dilation=0), evaluation_grid(field, 64)

@@ -8,9 +8,9 @@ import torch
 
 from mvsdi.cameras import evaluation_cameras
 from mvsdi.guidance import SDIConfig, SDSConfig, guidance_target
+from mvsdi.models import load_prior
 from mvsdi.priors import DiffusionPrior, PromptConditioning, PromptConfig
-from mvsdi.priors.loading import load_prior
-from mvsdi.testbed import IdealDenoiserPrior, SCENES
+from mvsdi.testbed import SCENES, IdealDenoiserPrior
 from mvsdi.testbed import prior as prior_module
 from mvsdi.testbed import scenes as scenes_module
 
@@ -94,8 +94,8 @@ def test_a_data_variance_gives_the_exact_gaussian_mixture_posterior_mean():
         alpha = float(prior.alphas_cumprod.double()[t])
         a, s2 = math.sqrt(alpha), 1.0 - alpha
         var = alpha * sigma ** 2 + s2
-        x_t = a * (0.5 * mu[0] + 0.5 * mu[1]) + 0.2 * torch.randn(mu.shape[1], generator=torch.Generator().manual_seed(t),
-                                                                 dtype=torch.float64)
+        noise = torch.randn(mu.shape[1], generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        x_t = a * (0.5 * mu[0] + 0.5 * mu[1]) + 0.2 * noise
         logits = torch.stack([-(x_t - a * mu[i]).square().sum() / (2 * var) for i in range(2)])
         w = torch.softmax(logits, 0)
         expected = sum(w[i] * (mu[i] + sigma ** 2 * a / var * (x_t - a * mu[i])) for i in range(2))
@@ -244,3 +244,21 @@ def test_chunked_references_give_the_same_answer(two_sets, monkeypatch):
     chunked = IdealDenoiserPrior.from_images({"alpha": images(3, seed=1), "beta": images(2, seed=2)})
     assert chunked._flat64 is None
     assert torch.allclose(chunked.predict_noise(x_t, t, emb), whole, atol=1e-5)
+
+
+def test_leaving_out_negligible_references_does_not_change_the_posterior_mean(monkeypatch):
+    """At small t nearly every reference has a weight below NEGLIGIBLE_WEIGHT and is left out of the
+    product; the mean must be that of all references to float64 rounding (a tiny-noise x_t near one
+    reference: a few carry weight; a large-noise one: all do, and the full product is taken)."""
+    refs = {"alpha": images(40, seed=3), "beta": images(40, seed=4)}
+    prior = IdealDenoiserPrior.from_images(refs)
+    noise = torch.randn(2, 3 * 8 * 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = (refs["alpha"][:2].double() * 2 - 1).flatten(1) + 0.01 * noise
+    labels = torch.tensor([0, -1])
+    for t in (5, 900):
+        alpha = prior._alphas64[torch.tensor([t, t])]
+        weights = torch.softmax(prior._logits(x, alpha, labels), dim=1)
+        kept = (weights > prior_module.NEGLIGIBLE_WEIGHT).any(0).sum().item()
+        assert (kept < 10) if t == 5 else (kept == 80)  # the pruned path is taken at small t only
+        exact = weights @ prior._flat64  # every reference, one product
+        assert torch.allclose(prior._posterior_mean(x, alpha, labels), exact, rtol=0, atol=1e-13)

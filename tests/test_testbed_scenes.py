@@ -7,8 +7,8 @@ import torch
 
 from mvsdi.cameras import Cameras, evaluation_cameras, rays
 from mvsdi.render import render
-from mvsdi.testbed import (SCENES, ConstantBackground, Scene, SceneField, get_scene, register_scene, render_truth,
-                           sdf, truth_mask)
+from mvsdi.testbed import (SCENES, ConstantBackground, Scene, SceneField, get_scene, register_scene, render_truth, sdf,
+                           truth_mask)
 from mvsdi.testbed.scenes import SCENE_EXTENT, TRUTH_BOUND
 
 CENTRE, RADIUS = (0.1, 0.2, -0.1), 0.4

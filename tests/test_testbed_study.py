@@ -8,22 +8,25 @@ import pytest
 
 from mvsdi.cli import main
 from mvsdi.field import FieldConfig
-from mvsdi.testbed.study import (METHODS, StudySettings, mean_interval, run_study, summarise, variance_markdown,
+from mvsdi.statistics import mean_interval
+from mvsdi.testbed.study import (METHODS, StudySettings, run_study, summarise, table_markdown, variance_markdown,
                                  variance_rows, variance_summary)
 
-TINY = StudySettings(scenes=("mug",), seeds=(0,), guidances=("sds",), budget=8, image_size=16, references=16,
+TINY = StudySettings(scenes=("mug",), seeds=(0,), guidances=("sds",), budgets=(8,), image_size=16, references=16,
                      samples_per_ray=12, fractions=(1.0,), variance_repeats=3, variance_fractions=(0.0, 1.0),
                      field=FieldConfig(n_levels=4, log2_table_size=12, base_resolution=8, per_level_scale=2.0,
                                        hidden_dim=16))
 
 
 def test_study_writes_tables_plots_and_turntables(tmp_path, capsys):
+    METHODS = TINY.method_list
     log = []
     result = run_study(TINY, tmp_path, log=log.append)
     printed = capsys.readouterr().out
     assert printed.startswith("testbed study: 6 cells")  # says what it does before the slow prior is built
     assert "building the ideal-denoiser prior: 16 reference views of each of the 8 scenes at 16²" in printed
-    assert "[1/6] sds mug seed 0 K1: training, and measuring the gradient variance" in printed
+    assert "the first-seed K1 runs also measure the gradient variance" in printed
+    assert "[7/7] " in printed and "sds mug seed 0 K1, budget 8: r_precision" in printed  # the initial field + 6 cells
     assert [r["message"] for r in log] == printed.splitlines()
     files = {p.name for p in tmp_path.iterdir()}
     assert {"results.jsonl", "variance.json", "table.md", "table.csv", "metrics_vs_budget.png",
@@ -76,13 +79,20 @@ def test_the_variance_at_the_start_of_the_run_is_the_estimator_at_the_initial_fi
 
 
 def test_summary_statistics():
-    assert mean_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, 4.303 * 1.0 / 3 ** 0.5))
-    rows = [{"guidance": "sds", "scene": "a", "seed": s, "method": m, "fraction": 1.0, "diverged": False,
-             "r_precision": 1.0, "psnr": base + (1.0 if m == "K2-antipodal" else 0.0), "iou": 0.5, "janus": 0.0}
+    assert mean_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, 4.302653 / 3 ** 0.5))  # t(0.975, 2) = 4.302653
+    rows = [{"guidance": "sds", "scene": "a", "seed": s, "method": m, "fraction": 1.0, "diverged": False, "budget": 8,
+             "r_precision": 1.0, "psnr": base + (1.0 if m == "K2-antipodal" else 0.0),
+             "iou": 0.5 + 0.1 * s * (m == "K1"), "janus": 0.2 * (m == "K2-antipodal")}
             for s, base in ((0, 20.0), (1, 25.0)) for m in ("K1", "K2-antipodal")]
     table = {r["method"]: r for r in summarise(rows)}
-    assert table["K2-antipodal"]["psnr_vs_K1"] == (1.0, 0.0)  # paired: the seeds' offsets cancel
-    assert table["K2-antipodal"]["psnr"][0] == 23.5
+    k2 = table["K2-antipodal"]
+    assert k2["psnr_vs_K1"] == (1.0, 0.0) and k2["pairs"] == 2  # paired: the seeds' offsets cancel
+    assert k2["psnr"][0] == 23.5
+    # +1 dB on both pairs: better; IoU differences 0 and -0.1: the interval holds 0; Janus +0.2 twice: worse
+    assert (k2["psnr_verdict"], k2["iou_verdict"], k2["janus_verdict"]) == ("better", "not distinguishable", "worse")
+    assert table["K1"]["psnr_verdict"] == "baseline"
+    text = table_markdown(summarise(rows))
+    assert "| sds | 8 | K2-antipodal | 2 |" in text and "+1.000 ± 0.000 **better**" in text and "**n.d.**" in text
 
 
 def test_variance_ratios_combine_over_scenes_as_a_geometric_mean_with_their_bootstrap_errors():
@@ -111,7 +121,7 @@ def test_every_figure_gives_a_method_the_same_colour(tmp_path, monkeypatch):
 
     figures = []
     monkeypatch.setattr(study, "save_figure", lambda fig, path, dpi=100: figures.append(fig))
-    results = [{"guidance": "sds", "method": m.name, "fraction": f, **{k: 0.5 for k in study.METRICS}}
+    results = [{"guidance": "sds", "method": m.name, "fraction": f, "budget": 8, **{k: 0.5 for k in study.METRICS}}
                for m in METHODS for f in (0.0, 1.0)]
     variance = [{"guidance": "sds", "method": m.name, "fraction": f, "ratio": 1.0, "log_ratio_se": 0.1}
                 for m in METHODS for f in (0.0, 1.0)]
@@ -124,11 +134,16 @@ def test_every_figure_gives_a_method_the_same_colour(tmp_path, monkeypatch):
     assert all(colours[0][name] == colours[1][name] for name in shared)
 
 
-@pytest.mark.parametrize("args,message", [(["--scenes", "teapot"], "teapot"), (["--budget", "6"], "multiple of 4"),
+@pytest.mark.parametrize("args,message", [(["--scenes", "teapot"], "teapot"),
+                                          (["--budget", "6"], "multiple of every method's K"),
                                           (["--guidance", "vsd"], "unknown guidance"),
                                           (["--seeds", "two"], "comma-separated integers"),
                                           (["--seeds", "0,1,0"], "each once"),
-                                          (["--variance-repeats", "1"], "two draws")])
+                                          (["--variance-repeats", "1"], "two draws"),
+                                          (["--methods", "K2-antipodal,K1"], "K1 first"),
+                                          (["--methods", "K1,K3"], "distinct names from"),
+                                          (["--budget", "96,x"], "several separated by commas"),
+                                          (["--workers", "0"], "at least 1")])
 def test_bad_testbed_input(args, message, tmp_path, capsys):
     assert main(["testbed", "--out", str(tmp_path / "o"), *args]) == 2
     assert message in capsys.readouterr().err
@@ -157,7 +172,7 @@ def test_seeds_are_a_list_as_in_the_bench_and_help_names_the_scenes(capsys):
 # the study folder: an earlier study is refused, or replaced whole; never mixed
 
 
-def fake_study(settings, out, progress=True, log=None):
+def fake_study(settings, out, progress=True, log=None, workers=None):
     """Stands in for run_study: writes what a study writes, in a few milliseconds."""
     (out / "table.md").write_text("| new |\n")
     (out / "turntable_sds_mug.gif").write_bytes(b"new")
@@ -219,7 +234,7 @@ def test_an_interrupted_or_failed_study_leaves_the_earlier_one(tmp_path, monkeyp
     out = tmp_path / "study"
     before = earlier_study(out)
     for error, code in ((KeyboardInterrupt, 130), (ValueError("image_size must be"), 2)):
-        def broken(settings, folder, progress=True, log=None):
+        def broken(settings, folder, progress=True, log=None, workers=None, error=error):
             (folder / "table.md").write_text("half")
             raise error
 
@@ -273,7 +288,7 @@ def test_quality_does_not_fall_from_a_shorter_to_a_longer_run():
 
     if not SHORT_SDS_RUN:
         pytest.skip("needs test_a_short_sds_run_beats_the_initial_blob_in_its_views to have run first")
-    shorter_settings = dataclasses.replace(SMALL, budget=SMALL.budget // 3)
+    shorter_settings = dataclasses.replace(SMALL, budgets=(SMALL.budget // 3,))
     shorter = run_cell(SHORT_SDS_RUN["prior"], cell_config(shorter_settings, "sds", METHODS[0], "mug", 0), (1.0,),
                        torch.device("cpu")).rows[-1]
     longer = SHORT_SDS_RUN["end"]
@@ -282,3 +297,44 @@ def test_quality_does_not_fall_from_a_shorter_to_a_longer_run():
 
 
 PSNR_NOISE_DB = 0.2  # a chosen tolerance: one seed's aligned PSNR moves by a few tenths of a dB between nearby budgets
+
+
+def test_the_results_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Cells run on one thread each, in this process or in forked workers: the same numbers either way.
+    CW-MV-SDI runs as a study method (its consensus weighting reaches the cell's config)."""
+    import dataclasses
+
+    from mvsdi.testbed.study import cell_config
+
+    settings = dataclasses.replace(TINY, methods=("K1", "CW-K2"), budgets=(4, 8), variance_repeats=0)
+    assert cell_config(settings, "sds", METHODS[-1], "mug", 0).aggregation.kind == "consensus"
+    lines = {}
+    for workers, start in ((1, None), (2, None), (2, "spawn")):  # spawn: as on a GPU, the prior sent to the workers
+        run_study(settings, tmp_path / str(workers), progress=False, workers=workers, start_method=start)
+        lines[workers, start] = (tmp_path / str(workers) / "results.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "train_seconds"}  # noqa: E731
+    found = {key: [strip(x) for x in text] for key, text in lines.items()}
+    assert found[1, None] == found[2, None] == found[2, "spawn"]
+    rows = [strip(x) for x in lines[1, None]]
+    assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in ("K1", "CW-K2") for b in (4, 8)}
+    assert (tmp_path / "1" / "metrics_vs_budget_axis.png").exists()  # two budgets: the budget-axis plot
+    assert not (tmp_path / "1" / "variance.json").read_text().strip("[] \n")  # no variance asked for
+    # CW-K2 at budget 8 takes 4 steps, as K1 at budget 4: the equal-steps comparison pairs them
+    table = (tmp_path / "1" / "table.md").read_text()
+    assert "At equal optimiser steps" in table and "| sds | 4 | CW-K2 | 1 |" in table
+
+
+def test_the_tables_can_be_rewritten_from_a_studys_results(tmp_path):
+    import runpy
+    import sys
+
+    run_study(TINY, tmp_path, progress=False, workers=1)
+    written = (tmp_path / "table.md").read_text()
+    (tmp_path / "table.md").unlink()
+    script = runpy.run_path("benchmarks/testbed_tables.py")
+    sys_argv, sys.argv = sys.argv, ["testbed_tables.py", str(tmp_path)]
+    try:
+        assert script["main"]() == 0
+    finally:
+        sys.argv = sys_argv
+    assert (tmp_path / "table.md").read_text() == written

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,10 +8,8 @@ from mvsdi.config import preset
 from mvsdi.distill import Distiller, Model
 from mvsdi.field import FieldConfig
 from mvsdi.priors.stable_diffusion import StableDiffusionPrior
-import numpy as np
-
 from mvsdi.variance import (GradientSamples, compare_estimators, estimator_variance, flat_gradient, ratio_intervals,
-                           resampled_total_variance)
+                            resampled_total_variance)
 
 CPU = torch.device("cpu")
 SMALL = FieldConfig(n_levels=4, log2_table_size=12, base_resolution=8, per_level_scale=2.0, hidden_dim=16)
@@ -112,7 +111,8 @@ def test_the_hash_tables_and_the_shared_weights_partition_the_gradient():
     model = Model.create(config, CPU)
     parts = gradient_parts(model)
     total = sum(p.numel() for p in model.parameters())
-    assert parts["tables"].start == 0 and parts["tables"].stop == parts["shared"].start and parts["shared"].stop == total
+    assert parts["tables"].start == 0 and parts["tables"].stop == parts["shared"].start
+    assert parts["shared"].stop == total
     assert parts["tables"].stop == model.field.encoding.embeddings.numel()
 
 
@@ -131,7 +131,8 @@ def test_part_grams_add_up_to_the_whole_and_median_of_means_resists_one_huge_dra
     other = GradientSamples()
     for row in heavy:
         other.add(row)
-    plain = resampled_total_variance(other.gram(), np.ones((1, 32)))[0] / resampled_total_variance(grams["all"], np.ones((1, 32)))[0]
+    counts = np.ones((1, 32))  # every sample drawn once
+    plain = resampled_total_variance(other.gram(), counts)[0] / resampled_total_variance(grams["all"], counts)[0]
     median, low, high = median_of_means_ratio(other.gram(), grams["all"], 1)
     assert plain > 50 and median == pytest.approx(1.0) and high > 100 and low == pytest.approx(1.0)
     with pytest.raises(ValueError, match="needs >= 16 repeats"):

@@ -109,7 +109,8 @@ class ConsensusWeighting(torch.nn.Module):
         del gradients
         if self.trained():
             entropy = -(w * (w + 1e-12).log()).sum()
-            aux = -self.config.lambda_consensus * (w * a).sum() + self.config.lambda_entropy * (math.log(len(w)) - entropy)
+            aux = (-self.config.lambda_consensus * (w * a).sum()
+                   + self.config.lambda_entropy * (math.log(len(w)) - entropy))
             (grad_tau,) = torch.autograd.grad(aux, self.tau)
             self.tau.grad = grad_tau.to(self.tau.dtype)
         return {"consensus_weights": w_fixed.tolist(), "consensus_agreement": a.tolist(),

@@ -12,7 +12,6 @@ Every sampler is a pure function of a ``torch.Generator``: the same seed gives t
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
@@ -117,9 +116,11 @@ class Cameras:
         return c2w
 
 
-def spherical_to_cartesian(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+def spherical_to_cartesian(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
+                           radius: torch.Tensor) -> torch.Tensor:
     az, el = torch.deg2rad(azimuth_deg), torch.deg2rad(elevation_deg)
-    return torch.stack([torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], -1) * radius[..., None]
+    unit = torch.stack([torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], -1)
+    return unit * radius[..., None]
 
 
 def wrap_azimuth(azimuth_deg: torch.Tensor) -> torch.Tensor:
@@ -309,7 +310,8 @@ def sample_views(name: str, k: int, generator: torch.Generator, ranges: CameraRa
     return make_cameras(azimuth, elevation, ranges, generator)
 
 
-def evaluation_cameras(n: int = 50, elevation_deg: float = 15.0, distance: float = 2.0, fovy_deg: float = 70.0) -> Cameras:
+def evaluation_cameras(n: int = 50, elevation_deg: float = 15.0, distance: float = 2.0,
+                       fovy_deg: float = 70.0) -> Cameras:
     """n views at evenly spaced azimuths starting from the front, light at the camera."""
     azimuth = wrap_azimuth(torch.arange(n, dtype=torch.float32) * (360.0 / n))
     elevation = torch.full((n,), float(elevation_deg))

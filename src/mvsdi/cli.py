@@ -14,12 +14,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import mvsdi
-from mvsdi.cameras import SAMPLERS
 from mvsdi.aggregation import AGGREGATIONS
-from mvsdi.config import DEFAULT_BUDGET, MIN_RESOLUTION, PRESETS, VIEW_BATCHING, RunConfig, preset, with_schedule
+from mvsdi.cameras import SAMPLERS, CameraRanges
+from mvsdi.config import (DEFAULT_BUDGET, MIN_RESOLUTION, PRESETS, VIEW_BATCHING, RunConfig, is_ideal, preset,
+                          with_schedule)
 from mvsdi.overrides import apply_all, parse_assignment
-from mvsdi.schedules import SCHEDULE_MODES, Ramp
 from mvsdi.priors.stable_diffusion import FAST_UNET_MODES
+from mvsdi.schedules import SCHEDULE_MODES, Ramp
 
 DEFAULT_PRESET = "mvsdi-k2"
 
@@ -100,7 +101,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    "(preset: 512)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (preset: auto: cuda if there is one)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<prompt>-<preset>-s<seed>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run at --out once the new one completes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run at --out once the new one completes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--view-batching", choices=VIEW_BATCHING,
                    help="K>1: one batched prior pass for a step's K views, or one per view (default auto: "
@@ -117,7 +119,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                              "reference: the MV-SDI reference's step-counted schedules for this K (K = 1, 2, 4, 6, 8)")
     method.add_argument("--elevation-range", type=float, nargs=2, metavar=("LO", "HI"),
                         help="training camera elevations in degrees (preset: -10 45)")
-    method.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (preset: SDI 7.5, SDS 100)")
+    method.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance scale (preset: SDI 7.5, SDS 100)")
     method.add_argument("--inversion-guidance-scale", type=float,
                         help="SDI: guidance scale of the DDIM inversion (preset: -7.5)")
     method.add_argument("--no-t-anneal", action="store_true",
@@ -173,8 +176,21 @@ def configure(args: argparse.Namespace) -> RunConfig:
                                      **({"prompt": args.prompt} if args.prompt is not None else {}))
     else:
         config = preset(args.preset or DEFAULT_PRESET, args.prompt, **_overrides(args))
+        config = _ideal_prior_cameras(config)
     config = apply_all(config, _settings(args))
     return with_schedule(config, args.schedule) if args.schedule else config
+
+
+def _ideal_prior_cameras(config: RunConfig) -> RunConfig:
+    """With ``--model ideal``, the training views come from the references' camera distribution
+    (no jitter, fovy 55°): the exact denoiser knows only views drawn from it, and with threestudio's
+    jitter the testbed's runs got worse with budget (docs/testbed.md). Elevation range and --set
+    cameras.* still apply on top; a --config file keeps its own cameras."""
+    if not is_ideal(config.model) or config.cameras != CameraRanges():
+        return config
+    from mvsdi.testbed.prior import TESTBED_CAMERAS  # not at the top: it loads diffusers' scheduler
+
+    return dataclasses.replace(config, cameras=TESTBED_CAMERAS)
 
 
 def read_config_file(path: Path) -> RunConfig:

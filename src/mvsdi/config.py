@@ -21,6 +21,29 @@ from mvsdi.render import RenderConfig
 from mvsdi.schedules import (SCHEDULE_MODES, LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule,
                              reference_schedules, steps_for_budget)
 
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'name: old → new' for every leaf that differs between two config dicts (``to_dict()`` or read
+    back from JSON: a tuple and the list JSON made of it are the same value)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_differences(a, b, f"{prefix}{key}.")
+        elif _as_json(a) != _as_json(b):
+            lines.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return lines
+
+
+def _as_json(value: Any) -> Any:
+    return [_as_json(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def is_ideal(model: str) -> bool:
+    """The weights-free testbed prior (``ideal`` / ``ideal:<size>``), not a network: runs with it
+    are measured against the truth (``mvsdi.models.load_prior`` builds it)."""
+    return model == "ideal" or model.startswith("ideal:")
+
 DEFAULT_BUDGET = 10_000
 VIEW_BATCHING = ("auto", "batched", "sequential")
 # Renders smaller than 8 pixels a side run but carry no shape: the convexity regulariser compares
@@ -127,7 +150,9 @@ def with_schedule(config: RunConfig, mode: str) -> RunConfig:
         schedules, span = Schedules(weights=dataclasses.replace(LossWeights(), tv=config.schedules.weights.tv)), 1.0
     else:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {mode!r}")
-    guidance = dataclasses.replace(config.guidance, t_anneal_span=span) if config.guidance.kind == "sdi" else config.guidance
+    guidance = config.guidance
+    if guidance.kind == "sdi":
+        guidance = dataclasses.replace(guidance, t_anneal_span=span)
     return dataclasses.replace(config, schedule=mode, schedules=schedules, guidance=guidance)
 
 
@@ -201,7 +226,8 @@ _SCHEDULES = {"levels": LevelSchedule, "shading": ShadingSchedule, "weights": Lo
 
 def _tuples(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """JSON turns tuples into lists; give them back as tuples so configs compare equal."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
 
 
 def _build(cls: type[RunConfig], data: dict[str, Any]) -> RunConfig:

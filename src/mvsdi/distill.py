@@ -29,10 +29,10 @@ from mvsdi.cameras import Cameras, evaluation_cameras, sample_views
 from mvsdi.config import RunConfig
 from mvsdi.field import Background, Field
 from mvsdi.guidance import guidance_loss, guidance_target, timestep
+from mvsdi.occupancy import OccupancyGrid, density_function, density_threshold_for
 from mvsdi.priors.base import DiffusionPrior
 from mvsdi.priors.prompts import PromptConditioning
 from mvsdi.regularisers import convexity, opacity_entropy, sparsity, total_variation
-from mvsdi.occupancy import OccupancyGrid, density_function, density_threshold_for
 from mvsdi.render import RenderOutput, render
 from mvsdi.schedules import fraction_spent
 
@@ -314,7 +314,8 @@ class Distiller:
             aggregation = self.consensus(loss_of_views, self.model.parameters())
         totals = {name: sum(view[name] for view in terms) / c.views for name in terms[0]}
         values = torch.stack(list(totals.values())).tolist()  # one host sync per step
-        return {"t": views.ts, "terms": dict(zip(totals, values)), "shading": views.shadings, "aggregation": aggregation}
+        return {"t": views.ts, "terms": dict(zip(totals, values)), "shading": views.shadings,
+                "aggregation": aggregation}
 
     def _draw_views(self, fraction: float, key: tuple[int, ...]) -> "StepViews":
         """The step's K cameras; then each view draws its shading and its t from its own generator.
@@ -396,7 +397,9 @@ class Distiller:
     def step_key(self, step: int) -> tuple[int, ...]:
         """The key of a step's generators; a rollback moves to fresh streams, or the same NaN would recur."""
         c = self.config
-        return (c.seed, step) if self.counters.rollbacks == 0 else (c.seed, step, ROLLBACK_STREAM, self.counters.rollbacks)
+        if self.counters.rollbacks == 0:
+            return (c.seed, step)
+        return (c.seed, step, ROLLBACK_STREAM, self.counters.rollbacks)
 
     def step(self) -> dict[str, Any]:
         """One optimiser step over K views; returns the step's log record.

@@ -207,7 +207,8 @@ def turntable_panels(outs: list) -> list[np.ndarray]:
                            axis=1) for o, depth in zip(outs, depths)]
 
 
-def turntable_frames(model, config, frames: int, resolution: int, device: torch.device | str = "cpu") -> list[np.ndarray]:
+def turntable_frames(model, config, frames: int, resolution: int,
+                     device: torch.device | str = "cpu") -> list[np.ndarray]:
     """``frames`` uint8 images [resolution, 3·resolution, 3] of RGB | normals | depth on the evaluation orbit.
 
     ``model`` has ``.field`` and ``.background`` (``mvsdi.distill.Model``); ``config`` is the run's
@@ -316,8 +317,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--threshold", default="auto", help="mesh: surface density; 'auto' = ln 2 / the renderer's "
                    "sample spacing for this run (default: %(default)s)")
     p.add_argument("--min-component", type=float, default=DEFAULT_MIN_COMPONENT,
-                   help="mesh: drop connected pieces with fewer than this share of the faces; 0 keeps all (default: %(default)s)")
-    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="video: number of frames, one orbit (default: %(default)s)")
+                   help="mesh: drop connected pieces with fewer than this share of the faces; 0 keeps all "
+                        "(default: %(default)s)")
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                   help="video: number of frames, one orbit (default: %(default)s)")
     p.add_argument("--fps", type=int, default=DEFAULT_FPS, help="video: frames per second (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--out", type=Path, help="output file (default: RUN/mesh.FORMAT or RUN/turntable_FRAMES.FORMAT)")

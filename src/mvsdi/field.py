@@ -256,11 +256,11 @@ class HashGridEncoding(nn.Module):
         super().__init__()
         self.n_levels, self.features_per_level = n_levels, features_per_level
         self.max_table_size = 2 ** log2_table_size
-        self.resolutions = [int(math.floor(base_resolution * per_level_scale ** l)) for l in range(n_levels)]
+        self.resolutions = [int(math.floor(base_resolution * per_level_scale ** level)) for level in range(n_levels)]
         if min(self.resolutions) < 2:
             raise ValueError(f"every hash-grid level needs at least 2 vertices per axis, got {self.resolutions}")
         self.table_sizes = [min(r ** 3, self.max_table_size) for r in self.resolutions]
-        self.offsets = [sum(self.table_sizes[:l]) for l in range(n_levels)]
+        self.offsets = [sum(self.table_sizes[:level]) for level in range(n_levels)]
         self.embeddings = nn.Parameter(torch.empty(sum(self.table_sizes), features_per_level))
         nn.init.uniform_(self.embeddings, -1e-4, 1e-4)
         # Buffers so that .to(device) moves them and the lookup stays one vectorised expression.

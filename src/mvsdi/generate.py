@@ -24,11 +24,12 @@ import torch
 
 import mvsdi
 from mvsdi.cameras import evaluation_cameras
-from mvsdi.config import RunConfig
+from mvsdi.config import RunConfig, config_differences
 from mvsdi.distill import Distiller, Model, TrainResult, train
-from mvsdi.memory import available_bytes, check_fits, estimate_view_memory, free_memory_override
-from mvsdi.priors.loading import load_prior, resolve_device
 from mvsdi.export import ImageMaps, normal_image, turntable_panels, write_video
+from mvsdi.memory import available_bytes, check_fits, estimate_view_memory, free_memory_override
+from mvsdi.models import load_prior
+from mvsdi.priors.loading import resolve_device
 from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, atomic_write_bytes, read_checkpoint
 from mvsdi.tracking import Tracker, check_wandb_available
 
@@ -190,7 +191,8 @@ class Validation:
                                                                          min(VALIDATION_RESOLUTION, c.eval_resolution))]
         kind = collapse_kind(torch.cat([o.opacity for o in outs]))
         if kind and self.collapse is None:
-            self.collapse = {"kind": kind, "step": record["step"], "guidance_evaluations": record["guidance_evaluations"]}
+            self.collapse = {"kind": kind, "step": record["step"],
+                             "guidance_evaluations": record["guidance_evaluations"]}
         images = {f"view{i}": view_panel(o) for i, o in enumerate(outs)}
         self.tracker.log_images(record["guidance_evaluations"], images)
         if self.run is not None:
@@ -368,18 +370,6 @@ def generate(config: RunConfig, out: Path, overwrite: bool = False, progress: bo
     """
     run = RunDirectory(out, overwrite=overwrite)
     return _run_staged(config, run, progress, tracking)
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """'name: old → new' for every leaf that differs between two config dicts."""
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key}: {a!r} → {b!r}")
-    return lines
 
 
 def resume(out: Path, overrides: dict[str, Any] | None = None, force: bool = False, progress: bool = True,

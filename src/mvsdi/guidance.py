@@ -129,7 +129,8 @@ def _column(values: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_invert(cfg: SDIConfig, prompt: GuidedDenoiser, alphas_cumprod: torch.Tensor, latents: torch.Tensor,
-                cameras: Cameras, t_final: torch.Tensor, grid: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+                cameras: Cameras, t_final: torch.Tensor, grid: list[int],
+                generators: list[torch.Generator]) -> torch.Tensor:
     """Walk the clean latents up the noise levels 0 → grid → t_final[i] with DDIM inversion steps.
 
     Each step predicts ε at the current level (guided with ``inversion_guidance_scale``), forms x̂₀

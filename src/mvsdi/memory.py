@@ -78,8 +78,8 @@ def estimate_view_memory(distiller: Distiller) -> MemoryEstimate:
     camera = sample_views("random", 1, seeded_generator("cpu", c.seed, PROBE_STREAM), c.cameras).to(device)
     field, background = distiller.model.field, distiller.model.background
     out, render_bytes = saved_tensor_bytes(lambda: render(
-        field, background, camera, side, side, n_samples=c.samples_per_ray, shading="diffuse", perturb=c.perturb_samples,
-        generator=seeded_generator(device, c.seed, PROBE_STREAM), need_normals=True,
+        field, background, camera, side, side, n_samples=c.samples_per_ray, shading="diffuse",
+        perturb=c.perturb_samples, generator=seeded_generator(device, c.seed, PROBE_STREAM), need_normals=True,
         **distiller.render_settings(distiller.current_grid())))
     image = out.rgb.detach().permute(0, 3, 1, 2).requires_grad_(True)
     evaluated = float(out.stats.get("samples_per_ray", c.samples_per_ray))

@@ -91,6 +91,9 @@ class ShadingConfig:
     diffuse: float = 0.9
 
 
+DEFAULT_SHADING = ShadingConfig()  # render's default shading
+
+
 @dataclass
 class RenderOutput:
     rgb: Tensor  # [N, H, W, 3] composited over the background, in [0, 1]
@@ -195,7 +198,8 @@ def distance_variance(weights: Tensor, t: Tensor, opacity: Tensor) -> Tensor:
 
 
 def render(field: Field, background: Background, cameras: Cameras, height: int, width: int, *,
-           n_samples: int = 64, shading: str | Sequence[str] = "albedo", shading_cfg: ShadingConfig = ShadingConfig(),
+           n_samples: int = 64, shading: str | Sequence[str] = "albedo",
+           shading_cfg: ShadingConfig = DEFAULT_SHADING,
            perturb: bool = False, generator: torch.Generator | None = None, need_normals: bool = True,
            occupancy: OccupancyGrid | None = None, alpha_threshold: float = 0.0, transmittance_threshold: float = 0.0,
            chunk_samples: int | None = 0) -> RenderOutput:

@@ -255,14 +255,20 @@ def read_checkpoint(run: str | Path) -> dict[str, Any]:
                                 "the file is damaged: rerun or resume from another copy") from exc
 
 
+def read_json(path: Path, default: Any = None) -> Any:
+    """The content of a JSON file; ``default`` when it is missing or unreadable, or when ``default``
+    is a dict and the file holds something else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+    return default if isinstance(default, dict) and not isinstance(data, dict) else data
+
+
 def read_summary(run: str | Path) -> dict[str, Any]:
     """A run's summary.json ({} if it has none or it cannot be read); its "status" is "completed",
     "interrupted" or "diverged"."""
-    try:
-        summary = json.loads((Path(run) / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
+    return read_json(Path(run) / SUMMARY, {})
 
 
 def load_trained_model(run: str | Path, device: torch.device | str = "cpu"):

@@ -16,7 +16,8 @@ from mvsdi.rundir import to_uint8
 
 TENSORBOARD_DIR = "tensorboard"
 # log-record fields plotted as scalars, besides the loss terms (loss_*)
-SCALARS = ("loss", "lr", "grad_norm", "guidance_evaluations", "unet_calls", "levels", "skipped", "samples_per_ray_evaluated")
+SCALARS = ("loss", "lr", "grad_norm", "guidance_evaluations", "unet_calls", "levels", "skipped",
+           "samples_per_ray_evaluated")
 
 
 def check_wandb_available() -> None:

@@ -190,7 +190,8 @@ def median_of_means_ratio(gram: np.ndarray, reference: np.ndarray, views: int, r
 
 
 def compare_estimators(base: RunConfig, prior: DiffusionPrior, model_state: dict[str, Any], device: torch.device,
-                       settings: list[tuple[int, str]], fraction: float, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
+                       settings: list[tuple[int, str]], fraction: float, repeats: int,
+                       seed: int = 0) -> list[dict[str, Any]]:
     """Variance per guidance evaluation of each (K, sampler) at the same parameters, its ratio to
     the first setting (normally K=1 random) and the ratio's 95% paired-bootstrap interval
     (``ratio_low``, ``ratio_high``) and log standard error (``log_ratio_se``)."""

@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mvsdi.bench.cells import CELL_METRICS, flatten_clip_metrics
-from mvsdi.bench.matrix import BenchSpec, Cell, cells, is_ideal, redo_reason
-from mvsdi.rundir import SUMMARY, atomic_write_bytes
-from mvsdi.testbed.study import mean_interval
+from mvsdi.bench.gallery import write_gallery
+from mvsdi.bench.matrix import BenchSpec, Cell, cells, redo_reason
+from mvsdi.bench.plots import metric_range, plot_bars, plot_scatter
+from mvsdi.bench.text import format_value, short_reason
+from mvsdi.config import is_ideal
+from mvsdi.rundir import SUMMARY, atomic_write_bytes, read_json
+from mvsdi.statistics import mean_interval
 
 CELLS_LOG = "cells.jsonl"
 COSTS = ("guidance_evaluations", "unet_calls", "train_seconds")
@@ -32,13 +36,6 @@ LOWER_IS_BETTER = ("janus",)  # both the testbed's and CLIP's Janus score: a fro
 PROTOCOLS = ("ours", "reference")
 REFERENCE_METRICS = "metrics_reference.json"  # mvsdi.evaluate.protocol.REFERENCE.metrics_file
 REFERENCE_DIR = "reference"  # OUT/reference: the reference protocol's tables and plots
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def latest_records(out: Path) -> dict[str, dict[str, Any]]:
@@ -65,12 +62,12 @@ def peak_memory_gib(summary: dict[str, Any]) -> float | None:
 def reference_measurement(run: Path) -> dict[str, Any] | None:
     """A cell measured under the reference protocol, shaped like ``bench_metrics.json`` (None: not yet).
     A run whose training diverged counts as diverged, as ``cells.measure`` counts it."""
-    data = _read_json(run / REFERENCE_METRICS)
+    data = read_json(run / REFERENCE_METRICS)
     if not isinstance(data, dict) or "divergence" not in data:
         return None
     divergence = data["divergence"]
     diverged, reason = bool(divergence.get("diverged")), divergence.get("reason") or ""
-    if (_read_json(run / SUMMARY) or {}).get("status") == "diverged":
+    if (read_json(run / SUMMARY) or {}).get("status") == "diverged":
         diverged, reason = True, reason or "training diverged"
     return {"metrics": flatten_clip_metrics(data.get("metrics", {})), "diverged": diverged, "diverged_reason": reason}
 
@@ -78,7 +75,7 @@ def reference_measurement(run: Path) -> dict[str, Any] | None:
 def _measured(cell: Cell, protocol: str) -> dict[str, Any] | None:
     if protocol == "reference":
         return reference_measurement(cell.path)
-    return _read_json(cell.path / CELL_METRICS)
+    return read_json(cell.path / CELL_METRICS)
 
 
 def cell_row(cell: Cell, record: dict[str, Any] | None, protocol: str = "ours") -> dict[str, Any]:
@@ -87,7 +84,7 @@ def cell_row(cell: Cell, record: dict[str, Any] | None, protocol: str = "ours") 
     redo = redo_reason(cell)
     measured = _measured(cell, protocol) if redo is None else None
     if measured is not None:
-        summary = _read_json(cell.path / SUMMARY) or {}
+        summary = read_json(cell.path / SUMMARY) or {}
         row.update({k: summary.get(k) for k in COSTS}, peak_memory_gib=peak_memory_gib(summary),
                    metrics=measured["metrics"], status="diverged" if measured["diverged"] else "ok",
                    reason=measured.get("diverged_reason", ""))
@@ -133,8 +130,8 @@ def summarise(rows: Sequence[dict[str, Any]], presets: Sequence[str], metrics: S
     for name in presets:
         mine = [r for r in rows if r["preset"] == name]
         ok = [r for r in mine if r["status"] == "ok"]
-        entry: dict[str, Any] = {"preset": name, "cells": len(mine),
-                                 **{s: sum(r["status"] == s for r in mine) for s in ("ok", "diverged", "failed", "missing")}}
+        counts = {s: sum(r["status"] == s for r in mine) for s in ("ok", "diverged", "failed", "missing")}
+        entry: dict[str, Any] = {"preset": name, "cells": len(mine), **counts}
         entry["divergence_rate"] = (len(mine) - len(ok)) / len(mine) if mine else math.nan  # over every cell
         averaged = ok if scored is None else [r for r in ok if (r["prompt"], r["seed"]) in scored]
         for metric in metrics:
@@ -175,12 +172,6 @@ def _mean(values: Sequence[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # writing
-
-
-def format_value(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
 def _pm(pair: tuple[float, float]) -> str:
@@ -247,12 +238,6 @@ def paired_tables(paired: Sequence[dict[str, Any]], with_means: bool = False) ->
     return md, _csv(header, [[p[h] for h in header] for p in paired])
 
 
-def short_reason(row: dict[str, Any]) -> str:
-    """The last line of a cell's reason (an error's message, a divergence rule), for tables and pages."""
-    lines = row["reason"].strip().splitlines()
-    return lines[-1] if lines else ""
-
-
 def _summary_line(entry: dict[str, Any], metrics: Sequence[str]) -> str:
     parts = [f"{m} {_pm(entry[m])}" for m in metrics]
     return (f"{entry['ok']}/{entry['cells']} cells ok, divergence rate {format_value(entry['divergence_rate'])}"
@@ -307,9 +292,6 @@ def check_protocol(spec: BenchSpec, protocol: str) -> None:
 def aggregate(spec: BenchSpec, out: Path, protocol: str = "ours") -> dict[str, Any]:
     """Write the tables, plots, gallery and summary.md of the bench at ``out`` from its files; under the
     reference protocol into ``out/reference`` (no gallery), means over pairs valid for every preset."""
-    from mvsdi.bench.gallery import write_gallery
-    from mvsdi.bench.plots import metric_range, plot_bars, plot_scatter
-
     check_protocol(spec, protocol)
     out = Path(out)
     reference = protocol == "reference"

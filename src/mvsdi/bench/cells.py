@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from mvsdi.bench.matrix import Cell, config_differences, is_done, is_ideal, run_status
+from mvsdi.bench.matrix import Cell, differences_on_disk, is_done, run_status
+from mvsdi.config import is_ideal
 from mvsdi.rundir import SUMMARY, atomic_write_json
 
 CELL_METRICS = "bench_metrics.json"  # per-cell metrics, flat, read back by the aggregation
@@ -89,7 +90,7 @@ _PRIORS: dict[tuple[str, str], Any] = {}
 
 def measure_testbed(cell: Cell, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
     """The testbed's metrics against the true scene named by the prompt (``evaluate_field``)."""
-    from mvsdi.priors.loading import load_prior
+    from mvsdi.models import load_prior
     from mvsdi.rundir import load_trained_model
     from mvsdi.testbed.metrics import evaluate_field
 
@@ -144,7 +145,7 @@ def _train(cell: Cell) -> tuple[str, Path]:
     from mvsdi import generate as gen
     from mvsdi.rundir import RunDirectoryError
 
-    if run_status(cell) == "interrupted" and not config_differences(cell):
+    if run_status(cell) == "interrupted" and not differences_on_disk(cell):
         try:
             return "resumed", gen.resume(cell.path, progress=False)
         except RunDirectoryError:  # no usable checkpoint (or nothing left to run): start again

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mvsdi.arguments import parse_names, parse_seeds
+
 DEFAULT_PRESETS = "sdi,mvsdi-k2,mvsdi-k4"
 # flag → (the Evaluator field it sets, metavar); unset flags keep the Evaluator's defaults
 WEIGHT_FLAGS = {"--clip-b32": ("clip_b32", "ID_OR_PATH"), "--clip-b16": ("clip_b16", "ID_OR_PATH"),
@@ -36,8 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--baseline", help="preset the others are compared with, pairwise; None: the first preset")
     p.add_argument("--metrics", help="comma-separated; None: all of the prior's kind. Stable Diffusion: those of "
                    "`mvsdi eval`; --model ideal: psnr, iou, r_precision, janus")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory (shared by all nodes with Ray)")
-    p.add_argument("--retries", type=int, default=1, help="extra attempts for a cell that fails, before it is recorded as failed")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"),
+                   help="output directory (shared by all nodes with Ray)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="extra attempts for a cell that fails, before it is recorded as failed")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: one worker per visible GPU (or the CPU); ray: one task per cell on a Ray cluster")
     p.add_argument("--address", default="auto", help="with --executor ray: HOST:PORT or ray://HOST:PORT of the "
@@ -47,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--protocol", choices=("ours", "reference"), default="ours",
                    help="tables from each cell's metrics.json (ours) or metrics_reference.json (the MV-SDI reference's "
                         "protocol: means over the prompts valid for every preset, in OUT/reference); the cells are "
-                        "measured with ours, so first run `mvsdi eval --protocol reference` on them (docs/evaluation.md)")
+                        "measured with ours, so first run `mvsdi eval --protocol reference` on them "
+                        "(docs/evaluation.md)")
     common = p.add_argument_group("overrides applied to every cell (default: the preset's)")
     common.add_argument("--budget", type=int, help="guidance evaluations per run (a multiple of every preset's K)")
     common.add_argument("--resolution", type=int)
@@ -59,7 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     common.add_argument("--device", help="auto, cpu, cuda (each worker sees one GPU)")
     p.add_argument("--iou-resolution", type=int, default=64,
                    help="with --model ideal: the voxel grid of the 3D IoU against the true shape")
-    weights = p.add_argument_group("metric weights (Stable Diffusion priors): hub ids or local copies, as in `mvsdi eval`")
+    weights = p.add_argument_group(
+        "metric weights (Stable Diffusion priors): hub ids or local copies, as in `mvsdi eval`")
     for flag, (_, metavar) in WEIGHT_FLAGS.items():
         weights.add_argument(flag, metavar=metavar)
     return p
@@ -67,22 +73,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 # ---------------------------------------------------------------------------------------------
 # from arguments to a spec
-
-
-def parse_names(text: str) -> tuple[str, ...]:
-    """A comma-separated option as its non-empty, stripped parts."""
-    return tuple(n.strip() for n in text.split(",") if n.strip())
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``--seeds`` of both `bench` and `testbed`: a comma-separated list of distinct integers ("3" is seed 3)."""
-    try:
-        seeds = tuple(int(s) for s in parse_names(text))
-    except ValueError:
-        raise ValueError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {text!r}: give at least one seed and each once, e.g. 0,1,2")
-    return seeds
 
 
 def _metrics(text: str | None, ideal: bool) -> tuple[str, ...]:
@@ -94,7 +84,8 @@ def _metrics(text: str | None, ideal: bool) -> tuple[str, ...]:
     names = parse_names(text) if text else TESTBED_METRICS
     unknown = [n for n in names if n not in TESTBED_METRICS]
     if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown or [text]} for the testbed prior; known: {', '.join(TESTBED_METRICS)}")
+        raise ValueError(f"unknown metric(s) {unknown or [text]} for the testbed prior; "
+                         f"known: {', '.join(TESTBED_METRICS)}")
     return names
 
 
@@ -108,8 +99,9 @@ def _check_scenes(prompts: tuple[str, ...]) -> None:
 
 
 def spec_from_args(args: argparse.Namespace):
-    from mvsdi.bench.matrix import OVERRIDES, BenchSpec, is_ideal
-    from mvsdi.evaluate.runs import benchmark_prompts, read_prompt_file
+    from mvsdi.bench.matrix import OVERRIDES, BenchSpec
+    from mvsdi.config import is_ideal
+    from mvsdi.evaluate.run_folder import benchmark_prompts, read_prompt_file
 
     prompts = tuple(read_prompt_file(args.prompts) if args.prompts else benchmark_prompts())
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
@@ -119,14 +111,16 @@ def spec_from_args(args: argparse.Namespace):
     if ideal:
         _check_scenes(prompts)
     if args.retries < 0 or args.iou_resolution < 2:
-        raise ValueError(f"--retries must be >= 0 and --iou-resolution >= 2, got {args.retries} and {args.iou_resolution}")
+        raise ValueError(f"--retries must be >= 0 and --iou-resolution >= 2, "
+                         f"got {args.retries} and {args.iou_resolution}")
     return dataclasses.replace(spec, metrics=_metrics(args.metrics, ideal))
 
 
 def eval_settings(spec, args: argparse.Namespace):
     from mvsdi.bench.cells import EvalSettings
-    from mvsdi.bench.matrix import is_ideal
-    from mvsdi.evaluate.runs import Evaluator, candidate_prompts
+    from mvsdi.config import is_ideal
+    from mvsdi.evaluate.run_folder import candidate_prompts
+    from mvsdi.evaluate.runs import Evaluator
 
     # R-Precision retrieves each run's prompt among the bench's prompts (the 43 by default)
     weights = tuple((field, value) for flag, (field, _) in WEIGHT_FLAGS.items()
@@ -157,7 +151,8 @@ class CellLog:
         print(f"[{self.count}/{self.total}] {record['cell']}: {record['status']} ({tries}){detail}", flush=True)
 
 
-def run_bench(spec, settings, out: Path, retries: int, executor: str = "local", address: str = "auto") -> dict[str, Any]:
+def run_bench(spec, settings, out: Path, retries: int, executor: str = "local",
+              address: str = "auto") -> dict[str, Any]:
     from mvsdi.bench import executors
     from mvsdi.bench.aggregate import CELLS_LOG, aggregate
     from mvsdi.bench.cells import needs_measurement

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from mvsdi.evaluate.convergence import CONVERGENCE_FILE
 from mvsdi.rundir import atomic_write_bytes
-from mvsdi.testbed.study import mean_interval
+from mvsdi.statistics import mean_interval
 
 CURVES_CSV = "convergence.csv"
 CURVES_PLOT = Path("plots") / "convergence.png"

@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 from typing import Any, Sequence
 
-from mvsdi.bench.aggregate import format_value, short_reason
+from mvsdi.bench.text import format_value, short_reason
 from mvsdi.rundir import TURNTABLE, atomic_write_bytes
 
 GALLERY = "gallery.html"

@@ -11,19 +11,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvsdi.rundir import prompt_slug
-from mvsdi.config import PRESETS, RunConfig, preset
-from mvsdi.rundir import CONFIG, SUMMARY, atomic_write_json
+from mvsdi.config import PRESETS, RunConfig, config_differences, preset
+from mvsdi.rundir import CONFIG, SUMMARY, atomic_write_json, prompt_slug, read_json
 
 SPEC_FILE = "bench.json"
 DONE_STATUSES = ("completed", "diverged")  # a run that reached its end; "interrupted" is redone
 # the RunConfig fields a bench may set for every cell (None: the preset's value)
 OVERRIDES = ("budget", "resolution", "samples_per_ray", "eval_views", "eval_resolution", "model", "device")
 
-
-def is_ideal(model: str) -> bool:
-    """The weights-free testbed prior (``ideal`` / ``ideal:<size>``): cells are measured against the truth."""
-    return model == "ideal" or model.startswith("ideal:")
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,8 @@ def cells(spec: BenchSpec, out: Path) -> list[Cell]:
         if other != prompt:
             raise ValueError(f"prompts {other!r} and {prompt!r} share the directory name {prompt_slug(prompt)!r}; "
                              "make them differ in their first 60 letters or digits")
-    return [Cell(name, prompt, seed, out / name / prompt_slug(prompt) / f"s{seed}", spec.cell_config(name, prompt, seed))
+    return [Cell(name, prompt, seed, out / name / prompt_slug(prompt) / f"s{seed}",
+                 spec.cell_config(name, prompt, seed))
             for name in spec.presets for prompt in spec.prompts for seed in spec.seeds]
 
 
@@ -105,7 +101,8 @@ def read_spec(out: Path) -> BenchSpec:
     try:
         data = json.loads((Path(out) / SPEC_FILE).read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{out} has no readable {SPEC_FILE} ({exc}); give the OUT of an earlier `mvsdi bench`") from exc
+        raise ValueError(f"{out} has no readable {SPEC_FILE} ({exc}); "
+                         "give the OUT of an earlier `mvsdi bench`") from exc
     return BenchSpec.from_dict(data)
 
 
@@ -113,28 +110,14 @@ def read_spec(out: Path) -> BenchSpec:
 # the state of a cell's run directory
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _canonical(config: RunConfig) -> dict[str, Any]:
-    # JSON round trip: tuples become lists, as in the config.json a run wrote
-    return json.loads(json.dumps(config.to_dict()))
-
-
-def config_differences(cell: Cell) -> list[str]:
-    """Top-level config fields where the run on disk differs from the cell (empty: the same config)."""
-    on_disk = _read_json(cell.path / CONFIG) or {}
-    wanted = _canonical(cell.config)
-    return sorted(k for k in set(wanted) | set(on_disk) if wanted.get(k) != on_disk.get(k))
+def differences_on_disk(cell: Cell) -> list[str]:
+    """'field: on disk → wanted' where the run on disk was made with another config than the cell's
+    (empty: the same config)."""
+    return config_differences(read_json(cell.path / CONFIG, {}), cell.config.to_dict())
 
 
 def run_status(cell: Cell) -> str | None:
-    summary = _read_json(cell.path / SUMMARY)
-    return summary.get("status") if isinstance(summary, dict) else None
+    return read_json(cell.path / SUMMARY, {}).get("status")
 
 
 def redo_reason(cell: Cell) -> str | None:
@@ -143,16 +126,16 @@ def redo_reason(cell: Cell) -> str | None:
     Done: its run reached its end, with exactly this cell's config, and passes ``mvsdi eval``'s
     rules (a summary from this mvsdi minor version) with all its evaluation renders.
     """
-    from mvsdi.evaluate.runs import RunError, read_run
+    from mvsdi.evaluate.run_folder import RunError, read_run
 
     if not cell.path.exists():
         return "not run yet"
     status = run_status(cell)
     if status not in DONE_STATUSES:
         return f"the run there has status {status!r}"
-    diff = config_differences(cell)
+    diff = differences_on_disk(cell)
     if diff:
-        return f"the run there was made with another config (differs in: {', '.join(diff)})"
+        return f"the run there was made with another config (differs in: {'; '.join(diff)})"
     try:
         run = read_run(cell.path)
     except RunError as exc:

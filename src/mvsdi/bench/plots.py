@@ -11,7 +11,6 @@ import numpy as np
 
 from mvsdi.plotting import pyplot, save_figure
 
-
 Bounds = tuple[Optional[float], Optional[float]]  # a metric's possible values; None: unbounded that way
 
 # Where each metric's values can lie (a mean ± t-interval over few cells can run past them).

@@ -78,7 +78,8 @@ def _line(result: dict[str, Any]) -> str:
 
 def _evaluator(args: argparse.Namespace):
     from mvsdi.evaluate.protocol import REFERENCE, get_protocol, protocol_candidates
-    from mvsdi.evaluate.runs import Evaluator, benchmark_prompts, parse_metrics, read_run, read_prompt_file
+    from mvsdi.evaluate.run_folder import benchmark_prompts, read_prompt_file, read_run
+    from mvsdi.evaluate.runs import Evaluator, parse_metrics
     from mvsdi.priors.loading import resolve_device
 
     metrics = parse_metrics(args.metrics)
@@ -100,7 +101,7 @@ def _evaluator(args: argparse.Namespace):
 def _check_reference_views(runs) -> None:
     """Every run must hold the reference views or a checkpoint to render them from."""
     from mvsdi.evaluate.reference_renders import availability_problem
-    from mvsdi.evaluate.runs import RunError
+    from mvsdi.evaluate.run_folder import RunError
 
     problems = [problem for run in runs if (problem := availability_problem(run.path))]
     if problems:

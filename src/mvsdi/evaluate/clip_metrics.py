@@ -113,14 +113,16 @@ def janus_score(front_embed: torch.Tensor, back_embed: torch.Tensor) -> float:
 # preprocessing and the scorer
 
 
-def preprocess(images: torch.Tensor, resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def preprocess(images: torch.Tensor, resize: int, crop: int, mean: Sequence[float],
+               std: Sequence[float]) -> torch.Tensor:
     """[N, 3, H, W] in [0, 1] → CLIP input: shortest side to ``resize`` (bicubic), centre ``crop``, normalise."""
     h, w = images.shape[-2:]
     scale = resize / min(h, w)
     size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
     if size != (h, w):
         # antialias like PIL's resize; clamp because bicubic overshoots where PIL would saturate uint8
-        images = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        images = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False,
+                               antialias=True).clamp(0, 1)
     top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
     images = images[..., top:top + crop, left:left + crop]
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
@@ -218,7 +220,8 @@ class ClipScorer:
             tokens = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
                                     max_length=self.model.config.text_config.max_position_embeddings,
                                     return_tensors="pt").to(self.device)
-            pooled = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
+            pooled = self.model.text_model(input_ids=tokens.input_ids,
+                                           attention_mask=tokens.attention_mask).pooler_output
             out.append(self.model.text_projection(pooled).float().cpu())
         return torch.cat(out)
 

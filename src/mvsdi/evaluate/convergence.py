@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from mvsdi.evaluate import clip_metrics as cm
-from mvsdi.evaluate.runs import Run, RunError, load_images
+from mvsdi.evaluate.run_folder import Run, RunError, load_images
 from mvsdi.generate import CONVERGENCE_POINTS as POINTS_FILE  # in RUN/validation
 from mvsdi.rundir import VALIDATION, atomic_write_json
 

@@ -1,9 +1,9 @@
 """ImageReward v1.0 on transformers' BLIP classes, without the official ``image-reward`` package.
 
-The official package pins timm 0.6.13 and pulls a torchvision that breaks this install (docs/design.md, "The dependency stack"), so its
-checkpoint (THUDM/ImageReward: ``ImageReward.pt`` + ``med_config.json``) is loaded here into
-``transformers.BlipVisionModel`` (BLIP's ViT, 224², patch 16) and ``BlipTextModel`` (BLIP's BERT "med"
-encoder with cross-attention to the image tokens) plus the reward head, a stack of linear layers.
+The official package pins timm 0.6.13 and pulls a torchvision that breaks this install (docs/design.md,
+"The dependency stack"), so its checkpoint (THUDM/ImageReward: ``ImageReward.pt`` + ``med_config.json``) is
+loaded here into ``transformers.BlipVisionModel`` (BLIP's ViT, 224², patch 16) and ``BlipTextModel`` (BLIP's BERT
+"med" encoder with cross-attention to the image tokens) plus the reward head, a stack of linear layers.
 
 What the official scorer (``ImageReward.score`` / ``inference_rank`` in image-reward 1.5) does, and this
 module reproduces: the prompt tokenised by BLIP's tokenizer (bert-base-uncased plus the added tokens

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mvsdi.evaluate.run_folder import candidate_prompts, prompt_key
+
 # the reference's turntable: threestudio's test split with n_test_views = 120, and the views it scores
 REFERENCE_TURNTABLE_VIEWS = 120
 REFERENCE_SCORED_VIEWS = 50  # scripts/evaluate.py --max-images 50
@@ -101,8 +103,6 @@ def protocol_candidates(protocol: EvaluationProtocol, run_prompts: Sequence[str]
                         prompt_list: Sequence[str]) -> list[str]:
     """The candidate prompts under ``protocol``; a ValueError when the reference protocol's list
     lacks a run's prompt (its retrieval would have no right answer)."""
-    from mvsdi.evaluate.runs import candidate_prompts, prompt_key
-
     if protocol.add_run_prompts:
         return candidate_prompts(run_prompts, prompt_list)
     listed = {prompt_key(p) for p in prompt_list}

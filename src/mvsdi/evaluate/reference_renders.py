@@ -12,7 +12,6 @@ the run's step count), so a run trained further gets them rendered again.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +21,8 @@ import torch
 from mvsdi.cameras import Cameras, spherical_to_cartesian, wrap_azimuth
 from mvsdi.evaluate.protocol import (REFERENCE, REFERENCE_DISTANCE, REFERENCE_ELEVATION_DEG, REFERENCE_FOVY_DEG,
                                      REFERENCE_TURNTABLE_VIEWS, reference_turntable_azimuths, reference_view_indices)
-from mvsdi.rundir import CHECKPOINT, CONFIG, SUMMARY, atomic_write_bytes, atomic_write_json, to_uint8
+from mvsdi.evaluate.run_folder import RunError
+from mvsdi.rundir import CHECKPOINT, CONFIG, SUMMARY, atomic_write_bytes, atomic_write_json, read_json, to_uint8
 
 MANIFEST = "views.json"
 
@@ -44,17 +44,9 @@ def view_paths(run_path: Path) -> list[tuple[int, Path]]:
     return [(i, folder / f"{i:03d}.png") for i in reference_view_indices()]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def wanted_views(run_path: Path) -> dict[str, Any]:
     """What the views must have been rendered for to be reused: cameras, render settings, the run's state."""
-    config, summary = _read_json(run_path / CONFIG), _read_json(run_path / SUMMARY)
+    config, summary = read_json(run_path / CONFIG, {}), read_json(run_path / SUMMARY, {})
     indices = reference_view_indices()
     return {"turntable_views": REFERENCE_TURNTABLE_VIEWS, "indices": indices,
             "azimuth_deg": [round(float(a), 6) for a in reference_turntable_azimuths()[indices]],
@@ -76,13 +68,11 @@ def availability_problem(run_path: Path) -> str | None:
 
 def find_or_render(run_path: Path, device: torch.device | str) -> tuple[list[tuple[int, Path]], str]:
     """The scored views' (index, file), rendering them first when needed; and where they came from."""
-    from mvsdi.evaluate.runs import RunError
-
     run_path = Path(run_path)
     views = view_paths(run_path)
     complete = all(p.is_file() for _, p in views)
     wanted = wanted_views(run_path)
-    if complete and _read_json(run_path / REFERENCE.renders / MANIFEST).get("views") == wanted:
+    if complete and read_json(run_path / REFERENCE.renders / MANIFEST, {}).get("views") == wanted:
         return views, f"{REFERENCE.renders}/ (rendered earlier for this state of the run)"
     if (run_path / CHECKPOINT).is_file():
         render_views(run_path, [i for i, _ in views], wanted, device)

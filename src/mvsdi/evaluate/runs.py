@@ -9,10 +9,8 @@ Which views are scored, and where the results go, is the evaluation protocol's (
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,22 +19,17 @@ import torch
 import mvsdi
 from mvsdi.evaluate import clip_metrics as cm
 from mvsdi.evaluate import image_reward as ir
+from mvsdi.evaluate.convergence import write_convergence
 from mvsdi.evaluate.divergence import Divergence, check_divergence, missing
 from mvsdi.evaluate.protocol import OURS, EvaluationProtocol, get_protocol, janus_positions
-from mvsdi.rundir import CONFIG, RENDERS, SUMMARY, atomic_write_json
+from mvsdi.evaluate.reference_renders import find_or_render
+from mvsdi.evaluate.run_folder import Run, RunError, load_images, prompt_key, read_run, view_index
+from mvsdi.rundir import RENDERS, atomic_write_json
 
 METRICS_FILE = OURS.metrics_file  # the default protocol's; the reference's is metrics_reference.json
 KNOWN_METRICS = ("clip_score", "r_precision", "clip_iqa", "janus", "divergence", "hpsv2", "image_reward")
 # hpsv2 (ViT-H/14, ≈1 B parameters) and image_reward (BLIP ViT-L + BERT, ≈0.45 B) are big: only when asked for
 DEFAULT_METRICS = ("clip_score", "r_precision", "clip_iqa", "janus", "divergence")
-BENCHMARK_PROMPTS = "sdi43_prompts.txt"
-_RENDER = re.compile(r"^(\d{3,})\.png$")  # the RGB views; normal_NNN.png are not evaluated
-
-
-class RunError(ValueError):
-    """A run directory that cannot be evaluated as asked; the message says why and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------
 # inputs: metric names and prompt lists
 
@@ -47,102 +40,6 @@ def parse_metrics(text: str) -> tuple[str, ...]:
     if unknown or not names:
         raise ValueError(f"unknown metric(s) {unknown or [text]}; known metrics: {', '.join(KNOWN_METRICS)}")
     return names
-
-
-def prompt_key(prompt: str) -> str:
-    # CLIP's tokenizer lowercases and splits on whitespace, so these differences are invisible to it
-    return " ".join(prompt.lower().split())
-
-
-def parse_prompt_lines(lines: Sequence[str], source: str) -> list[str]:
-    """One prompt per line; a blank line or a repeated prompt is an error naming its line numbers."""
-    blank = [i for i, line in enumerate(lines, 1) if not line.strip()]
-    if blank:
-        raise ValueError(f"{source}: blank line(s) {blank}; one prompt per line, no empty lines")
-    first: dict[str, int] = {}
-    repeats = []
-    for i, line in enumerate(lines, 1):
-        key = prompt_key(line)
-        if key in first:
-            repeats.append(f"line {i} repeats line {first[key]}")
-        first.setdefault(key, i)
-    if repeats:
-        raise ValueError(f"{source}: duplicate prompt(s): {'; '.join(repeats)}")
-    return [line.strip() for line in lines]
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read the prompt file {path}: {exc}") from exc
-    return parse_prompt_lines(text.splitlines(), str(path))
-
-
-def benchmark_prompts() -> list[str]:
-    """The 43 prompts of the SDI benchmark, shipped with the package."""
-    text = files("mvsdi").joinpath("data", BENCHMARK_PROMPTS).read_text(encoding="utf-8")
-    return parse_prompt_lines(text.splitlines(), BENCHMARK_PROMPTS)
-
-
-def candidate_prompts(run_prompts: Sequence[str], prompt_list: Sequence[str]) -> list[str]:
-    """R-Precision's candidates: the runs' own prompts and the benchmark list, each text once."""
-    seen: dict[str, str] = {}
-    for prompt in [*run_prompts, *prompt_list]:
-        seen.setdefault(prompt_key(prompt), prompt)
-    return list(seen.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a run
-
-
-@dataclass
-class Run:
-    path: Path
-    prompt: str
-    expected_views: int
-    renders: list[Path]  # sorted by view index
-    version: str | None
-
-
-def _major_minor(version: str) -> tuple[str, ...]:
-    return tuple(version.split(".")[:2])
-
-
-def _check_version(path: Path, force: bool) -> str | None:
-    summary_path = path / SUMMARY
-    try:
-        version = json.loads(summary_path.read_text())["versions"]["mvsdi"]
-    except (OSError, ValueError, KeyError, TypeError):
-        if force:
-            return None
-        raise RunError(f"{path}: no readable {SUMMARY} with versions.mvsdi (an incomplete run, or not written by "
-                       "`mvsdi generate`); pass --force to evaluate its renders anyway")
-    if _major_minor(version) != _major_minor(mvsdi.__version__) and not force:
-        raise RunError(f"{path}: written by mvsdi {version}, this is mvsdi {mvsdi.__version__}; renders of another "
-                       "minor version may differ (cameras, resolution). Re-render, or pass --force to evaluate anyway")
-    return version
-
-
-def read_run(path: str | Path, force: bool = False) -> Run | None:
-    """The run at ``path``, validated; None when no directory exists there (a run that never completed)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    if not path.is_dir():
-        raise RunError(f"{path} is not a directory; give run directories written by `mvsdi generate`")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: no readable {CONFIG} ({exc}); is this a run directory?") from exc
-    prompt = config.get("prompt") if isinstance(config, dict) else None
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise RunError(f"{path}/{CONFIG} has no prompt")
-    version = _check_version(path, force)
-    found = sorted((int(m.group(1)), p) for p in (path / RENDERS).glob("*.png") if (m := _RENDER.match(p.name)))
-    expected = int(config.get("eval_views") or len(found))
-    return Run(path, prompt.strip(), expected, [p for _, p in found], version)
 
 
 @dataclass
@@ -156,10 +53,6 @@ class Views:
     source: str  # where the images came from, for metrics.json
 
 
-def view_index(path: Path) -> int:
-    return int(_RENDER.match(path.name).group(1))
-
-
 def ours_views(run: Run) -> Views:
     """The run's own evaluation renders; Janus pairs view 0 with view V/2 (V = eval_views)."""
     return Views(load_images(run.renders), [view_index(p) for p in run.renders], (0, run.expected_views // 2),
@@ -169,8 +62,6 @@ def ours_views(run: Run) -> Views:
 def reference_views(run: Run, device: str | torch.device) -> Views:
     """The reference's 50 scored turntable views (rendered from the checkpoint when the run lacks
     them); Janus pairs the first and the middle one of the 50."""
-    from mvsdi.evaluate.reference_renders import find_or_render  # here: that module imports this one
-
     found, source = find_or_render(run.path, device)
     ids = [i for i, _ in found]
     pair = janus_positions(len(ids))
@@ -180,21 +71,6 @@ def reference_views(run: Run, device: str | torch.device) -> Views:
 
 def protocol_views(run: Run, protocol: EvaluationProtocol, device: str | torch.device) -> Views:
     return ours_views(run) if protocol.name == OURS.name else reference_views(run, device)
-
-
-def load_images(paths: Sequence[Path]) -> list[torch.Tensor]:
-    """PNG files → [3, H, W] float tensors in [0, 1] (alpha dropped, grey expanded)."""
-    import imageio.v3 as iio
-    import numpy as np
-
-    images = []
-    for p in paths:
-        array = np.asarray(iio.imread(p))
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        scale = 65535.0 if array.dtype == np.uint16 else 255.0
-        images.append(torch.from_numpy(array[..., :3].astype(np.float32) / scale).permute(2, 0, 1))
-    return images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +202,6 @@ def evaluate_run(path: str | Path, evaluator: Evaluator, force: bool = False, wr
               "metrics": evaluator.evaluate(run, views)}
     if write:
         write_metrics(run.path, result, protocol.metrics_file)
-        from mvsdi.evaluate.convergence import write_convergence  # here: that module imports this one
         write_convergence(run, evaluator)  # RUN/convergence.json and .png (docs/benchmark.md)
     return result
 

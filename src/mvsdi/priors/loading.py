@@ -1,11 +1,10 @@
-"""From a ``--model`` string to a loaded prior.
+"""Loading the network priors, and resolving ``--device``. (``mvsdi.models.load_prior`` turns any
+``--model`` string into a prior, the testbed's ideal denoiser included.)
 
 Besides hub ids and local folders, two names build random-weight stacks in code (no download) and
 load them through the same ``from_pretrained`` path as a real model:
 - ``tiny``: a few-thousand-parameter SD-shaped stack for tests and CPU smoke runs;
 - ``random-sd21``: the real SD-2.1-base shapes with random weights, for speed and memory measurements.
-
-``ideal`` / ``ideal:<size>`` is not a network: the exact denoiser of the testbed scenes' renders.
 """
 
 from __future__ import annotations
@@ -61,15 +60,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(name)
 
 
-def load_prior(model: str, device: torch.device) -> DiffusionPrior:
-    if model == "ideal" or model.startswith("ideal:"):
-        # the weights-free testbed: the exact denoiser of all registered scenes' renders (cached)
-        from mvsdi.testbed.prior import IdealDenoiserPrior
-
-        size = model.partition(":")[2]
-        if size and not size.isdigit():
-            raise ValueError(f"model {model!r}: write 'ideal' or 'ideal:<image size>', e.g. 'ideal:64'")
-        return IdealDenoiserPrior(image_size=int(size) if size else 64, device=device)
+def load_network_prior(model: str, device: torch.device) -> DiffusionPrior:
+    """A Stable Diffusion stack: a random one built in code (``RANDOM_STACKS``), a folder or a hub id."""
     if model in RANDOM_STACKS:
         shape = RANDOM_STACKS[model]
         folder = write_random_stable_diffusion(cache_root() / f"random-{shape}", shape=shape)

@@ -205,7 +205,8 @@ class StableDiffusionPrior:
         if mode == "cuda_graph" and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, but this prior runs on {self.device}; "
                              "use mode 'off' or 'compile'")
-        wrappers = {"off": lambda unet: partial(unet_forward, unet), "compile": CompiledUNet, "cuda_graph": CudaGraphUNet}
+        wrappers = {"off": lambda unet: partial(unet_forward, unet), "compile": CompiledUNet,
+                    "cuda_graph": CudaGraphUNet}
         self._unet_call = wrappers[mode](self.unet)
         self.fast_unet = mode
 

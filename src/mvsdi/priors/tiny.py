@@ -59,7 +59,8 @@ def _unet(shape: str):
     if shape == "tiny":
         return UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=16, norm_num_groups=4, attention_head_dim=(2, 4), use_linear_projection=True)
     # SD-2.1-base: attention_head_dim is (as in diffusers' naming) the number of heads per level
     return UNet2DConditionModel(

@@ -9,8 +9,8 @@
 from mvsdi.testbed import sdf
 from mvsdi.testbed.metrics import aligned_psnr, diverged, evaluate_field, iou_3d, janus_score, view_r_precision
 from mvsdi.testbed.prior import IdealDenoiserPrior
-from mvsdi.testbed.scenes import (BACKGROUND, SCENES, ConstantBackground, Scene, SceneField, get_scene,
-                                  register_scene, render_truth, truth_mask)
+from mvsdi.testbed.scenes import (BACKGROUND, SCENES, ConstantBackground, Scene, SceneField, get_scene, register_scene,
+                                  render_truth, truth_mask)
 
 __all__ = ["BACKGROUND", "SCENES", "ConstantBackground", "IdealDenoiserPrior", "Scene", "SceneField", "aligned_psnr",
            "diverged", "evaluate_field", "get_scene", "iou_3d", "janus_score", "register_scene", "render_truth", "sdf",

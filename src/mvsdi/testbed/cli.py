@@ -9,6 +9,8 @@ import fnmatch
 import sys
 from pathlib import Path
 
+from mvsdi.arguments import parse_names, parse_seeds
+
 # What a study writes (see mvsdi.testbed.study), and the temporary files of its atomic writes: a
 # folder holding anything else is not a study, and --overwrite must not delete it.
 STUDY_FILES = ("results.jsonl", "variance.json", "table.md", "table.csv", "study.json", "log.jsonl", "*.png",
@@ -17,26 +19,34 @@ STUDY_FILES = ("results.jsonl", "variance.json", "table.md", "table.csv", "study
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from mvsdi.testbed.scenes import SCENES
-    from mvsdi.testbed.study import FULL, SMALL
+    from mvsdi.testbed.study import METHODS_BY_NAME, SETTINGS, SMALL
 
     p = subparsers.add_parser(
         "testbed", help="compare K-view methods at equal budget where the truth is known (no weights)",
         description="Distil procedural scenes with the exact ideal denoiser of their renders as the prior, "
-                    "for K=1, K=2 random/antipodal/stratified and K=4 antipodal/mixed at the same budget, "
-                    "and measure the result against the true shapes. The default is small (minutes on 2 CPU "
-                    "cores); --full is the study meant for a GPU.",
-        epilog="scenes: " + "; ".join(f"{name} ({scene.description})" for name, scene in SCENES.items()))
-    p.add_argument("--full", action="store_true", help=f"all scenes, seeds {_listed(FULL.seeds)}, budget "
-                   f"{FULL.budget}, {FULL.image_size}² (GPU)")
+                    "for K=1 and K>1 methods at the same budget, and measure the result against the true "
+                    "shapes, with paired differences against K=1 and a verdict per method and metric. "
+                    "Settings: small (the default, minutes on 2 CPU cores), medium (the study with power, about "
+                    "an hour on 2 cores), budgets (quality against budget for K=1, 2, 4), full (a GPU).",
+        epilog="settings: " + "; ".join(f"{name}: {_described(s)}" for name, s in SETTINGS.items())
+               + ". methods: " + ", ".join(METHODS_BY_NAME)
+               + ". scenes: " + "; ".join(f"{name} ({scene.description})" for name, scene in SCENES.items()))
+    p.add_argument("--setting", choices=tuple(SETTINGS), default="small",
+                   help="the study's setting (default: %(default)s)")
+    p.add_argument("--full", action="store_true", help="the same as --setting full")
     p.add_argument("--scenes", help=f"comma-separated scene names, from: {', '.join(SCENES)} "
-                   f"(default: {_listed(SMALL.scenes)}; with --full all)")
-    p.add_argument("--seeds", help=f"comma-separated seeds, e.g. 0,1,2 (default: {_listed(SMALL.seeds)}; with "
-                   f"--full {_listed(FULL.seeds)}). A list, as in `mvsdi bench`: --seeds 3 is the one seed 3")
-    p.add_argument("--budget", type=int, help="guidance evaluations per cell (a multiple of 4)")
+                   f"(default: the setting's, small: {_listed(SMALL.scenes)})")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the setting's). A list, as in "
+                   "`mvsdi bench`: --seeds 3 is the one seed 3")
+    p.add_argument("--budget", help="guidance evaluations per cell, or a comma-separated list of budgets (each a "
+                   "multiple of every method's K)")
+    p.add_argument("--methods", help=f"comma-separated, K1 first, from: {', '.join(METHODS_BY_NAME)}")
     p.add_argument("--guidance", help="comma-separated: sds,sdi")
     p.add_argument("--variance-repeats", type=int, help="gradient draws per method and point of the run (R, >= 2; "
-                   "the ratios' 95%% intervals need R >= 3)")
+                   "the ratios' 95%% intervals need R >= 3; 0: no variance)")
     p.add_argument("--device", help="cpu, cuda, auto")
+    p.add_argument("--workers", type=int, help="processes that run cells side by side (default: one per CPU core "
+                   "on the CPU, one on a GPU); the results do not depend on it")
     p.add_argument("--out", type=Path, default=Path("runs/testbed"),
                    help="the study folder: tables, plots and GIFs (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
@@ -48,12 +58,16 @@ def _listed(values) -> str:
     return ",".join(str(v) for v in values)
 
 
-def settings_from_args(args: argparse.Namespace):
-    from mvsdi.bench.cli import parse_names, parse_seeds
-    from mvsdi.testbed.scenes import get_scene
-    from mvsdi.testbed.study import FULL, SMALL
+def _described(settings) -> str:
+    return (f"{len(settings.scenes)} scene(s) × seeds {_listed(settings.seeds)}, budget {_listed(settings.budgets)}, "
+            f"{settings.image_size}², {settings.device}")
 
-    settings = FULL if args.full else SMALL
+
+def settings_from_args(args: argparse.Namespace):
+    from mvsdi.testbed.scenes import get_scene
+    from mvsdi.testbed.study import SETTINGS
+
+    settings = SETTINGS["full" if args.full else args.setting]
     changes = {}
     if args.scenes:
         changes["scenes"] = parse_names(args.scenes)
@@ -62,20 +76,24 @@ def settings_from_args(args: argparse.Namespace):
     if args.seeds is not None:
         changes["seeds"] = parse_seeds(args.seeds)
     if args.budget is not None:
-        if args.budget < 4 or args.budget % 4:
-            raise ValueError(f"--budget {args.budget}: the study runs K=1, 2 and 4, so it must be a positive multiple of 4")
-        changes["budget"] = args.budget
+        try:
+            changes["budgets"] = tuple(int(b) for b in parse_names(args.budget))
+        except ValueError:
+            raise ValueError(f"--budget {args.budget!r}: give a number of guidance evaluations, or several "
+                             "separated by commas") from None
+    if args.methods:
+        changes["methods"] = parse_names(args.methods)
     if args.guidance:
         changes["guidances"] = parse_names(args.guidance)
         unknown = set(changes["guidances"]) - {"sds", "sdi"}
         if unknown:
             raise ValueError(f"unknown guidance {sorted(unknown)}; choose from sds, sdi")
     if args.variance_repeats is not None:
-        if args.variance_repeats < 2:
-            raise ValueError("--variance-repeats must be >= 2 (a variance needs two draws)")
         changes["variance_repeats"] = args.variance_repeats
     if args.device:
         changes["device"] = args.device
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give at least 1")
     return dataclasses.replace(settings, **changes)
 
 
@@ -111,7 +129,7 @@ def _study(args: argparse.Namespace):
     resolve_device(settings.device)  # e.g. --device cuda without a GPU: before any folder is made
     folder = open_study_folder(args.out, args.overwrite)
     try:
-        result = run_study(settings, folder.path, log=folder.log)
+        result = run_study(settings, folder.path, log=folder.log, workers=args.workers)
         with contextlib.suppress(OSError):  # a run directory's (empty) renders folder; a study has none
             (folder.path / RENDERS).rmdir()
     except BaseException:

@@ -134,8 +134,8 @@ def iou_3d(field: nn.Module, scene: Scene | str, rotation_deg: float = 0.0, reso
            chunk: int = 2 ** 18, threshold: float = OCCUPANCY_DENSITY) -> float:
     """Occupancy IoU on a resolution³ grid of voxel centres over the field's cube.
 
-    The truth is occupied where sdf < 0; the field where density > ``threshold``. The field is compared as the truth turned by ``rotation_deg``:
-    truth point y is looked up in the field at R(θ) y.
+    The truth is occupied where sdf < 0; the field where density > ``threshold``. The field is compared as the
+    truth turned by ``rotation_deg``: truth point y is looked up in the field at R(θ) y.
     """
     scene = _scene(scene)
     device = next(iter(field.parameters()), torch.empty(0)).device

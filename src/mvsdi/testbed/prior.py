@@ -36,11 +36,10 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 from torch import Tensor
 
 from mvsdi.cameras import CameraRanges, sample_views
-from diffusers import DDIMScheduler
-
 from mvsdi.priors.base import NetworkCounters
 from mvsdi.priors.tiny import SCHEDULER_CONFIG, cache_root
 from mvsdi.rundir import atomic_torch_save
@@ -52,6 +51,7 @@ from mvsdi.testbed import scenes as sc
 FORMAT_VERSION = 3
 SIZE_RANGE = (8, 256)
 MAX_REFERENCES = 16384  # per scene; beyond this the softmax over the set is hours of CPU
+NEGLIGIBLE_WEIGHT = 1e-30  # posterior weights below this are left out of the posterior mean
 CHUNK_BYTES = 512 * 2 ** 20  # references are used in float64 chunks of at most this many bytes
 _VIEW_SUFFIX = re.compile(r",\s*(front|side|back|overhead) view$")
 
@@ -353,7 +353,16 @@ class IdealDenoiserPrior:
         weights = torch.softmax(self._logits(x, alpha, labels), dim=1)  # log-sum-exp inside: stable
         out = torch.zeros_like(x)
         for rows, refs in self._chunks():
-            out += weights[:, rows] @ refs
+            chunk = weights[:, rows]
+            # At small noise nearly all weight sits on a few references. References whose weight is
+            # below NEGLIGIBLE_WEIGHT in every row change the mean by less than M·1e-30 of its scale,
+            # far below float64's rounding, so they are left out of the product (a memory-bound
+            # stream of every reference otherwise).
+            kept = (chunk > NEGLIGIBLE_WEIGHT).any(0).nonzero().squeeze(1)
+            if len(kept) < 0.5 * chunk.shape[1]:
+                out += chunk[:, kept] @ refs[kept]
+            else:
+                out += chunk @ refs
         if self.data_sigma > 0.0:  # each component's own posterior mean: μ_i + k (x_t − a μ_i), k shared
             a = alpha.sqrt()[:, None]
             gain = self.data_sigma ** 2 * a / (alpha[:, None] * self.data_sigma ** 2 + (1.0 - alpha)[:, None])
