@@ -143,7 +143,8 @@ def test_every_figure_gives_a_method_the_same_colour(tmp_path, monkeypatch):
                                           (["--methods", "K2-antipodal,K1"], "K1 first"),
                                           (["--methods", "K1,K3"], "distinct names from"),
                                           (["--budget", "96,x"], "several separated by commas"),
-                                          (["--workers", "0"], "at least 1")])
+                                          (["--workers", "0"], "at least 1"),
+                                          (["--full", "--setting", "medium"], "cannot be combined")])
 def test_bad_testbed_input(args, message, tmp_path, capsys):
     assert main(["testbed", "--out", str(tmp_path / "o"), *args]) == 2
     assert message in capsys.readouterr().err

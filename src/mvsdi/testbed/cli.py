@@ -67,6 +67,8 @@ def settings_from_args(args: argparse.Namespace):
     from mvsdi.testbed.scenes import get_scene
     from mvsdi.testbed.study import SETTINGS
 
+    if args.full and args.setting not in ("small", "full"):  # small is --setting's default
+        raise ValueError(f"--full is --setting full; it cannot be combined with --setting {args.setting}")
     settings = SETTINGS["full" if args.full else args.setting]
     changes = {}
     if args.scenes:
