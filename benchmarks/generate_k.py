@@ -22,12 +22,12 @@ from typing import Any
 PROMPT = "a ripe strawberry"
 
 
-def generate_command(k: int, out: Path, *, preset: str = "sdi", budget: int = 40, resolution: int = 512,
+def generate_command(views: int, out: Path, *, preset: str = "sdi", budget: int = 40, resolution: int = 512,
                      samples_per_ray: int = 64, model: str = "random-sd21", device: str = "cuda",
                      eval_views: int = 2, eval_resolution: int = 64, tensorboard: bool = True) -> list[str]:
     """The `mvsdi generate` command line of one K (antipodal pairs for even K, as the MV-SDI presets)."""
-    cmd = [sys.executable, "-m", "mvsdi.cli", "generate", PROMPT, "--preset", preset, "--views", str(k),
-           "--sampler", "antipodal" if k % 2 == 0 else "random", "--budget", str(budget), "--model", model,
+    cmd = [sys.executable, "-m", "mvsdi.cli", "generate", PROMPT, "--preset", preset, "--views", str(views),
+           "--sampler", "antipodal" if views % 2 == 0 else "random", "--budget", str(budget), "--model", model,
            "--resolution", str(resolution), "--samples-per-ray", str(samples_per_ray),
            "--eval-views", str(eval_views), "--eval-resolution", str(eval_resolution), "--device", device,
            "--out", str(out), "--overwrite", "--no-progress"]
@@ -62,9 +62,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     args = p.parse_args()
     rows = []
-    for k in args.views:
-        out = args.out / f"k{k}"
-        cmd = generate_command(k, out, preset=args.preset, budget=args.budget, resolution=args.resolution,
+    for views in args.views:
+        out = args.out / f"views{views}"
+        cmd = generate_command(views, out, preset=args.preset, budget=args.budget, resolution=args.resolution,
                                samples_per_ray=args.samples_per_ray, model=args.model, device=args.device,
                                eval_resolution=args.eval_resolution, tensorboard=not args.no_tensorboard)
         print("$", " ".join(cmd), flush=True)

@@ -369,8 +369,8 @@ def default_targets(session: Session, views: int) -> str:
 def speed_plan(session: Session) -> list[dict[str, Any]]:
     args = session.args
     order = [g for g in ("sdi", "sds") if g in args.guidance]  # SDI first: the targets are SDI's
-    return [{"guidance": g, "views": k, "resolution": r, "targets": default_targets(session, k), "fast_unet": "off"}
-            for g in order for r in args.resolutions for k in sorted(args.views)]
+    return [{"guidance": g, "views": views, "resolution": r, "targets": default_targets(session, views),
+             "fast_unet": "off"} for g in order for r in args.resolutions for views in sorted(args.views)]
 
 
 def speed_section(session: Session, rec: dict) -> None:
@@ -632,8 +632,8 @@ def generate_section(session: Session, rec: dict) -> None:
         rec["status"] = f"skipped: missing modules {missing} (add their wheels to wheels/)"
         return
     rec["runs"] = []
-    for k in session.args.generate_views:
-        run = {"views": k, "budget": session.args.generate_budget, "resolution": max(session.args.resolutions),
+    for views in session.args.generate_views:
+        run = {"views": views, "budget": session.args.generate_budget, "resolution": max(session.args.resolutions),
                "samples_per_ray": session.args.samples_per_ray}
         rec["runs"].append(run)
         generate_run(session, run)

@@ -38,7 +38,7 @@ from mvsdi.distill import Distiller, Model
 from mvsdi.field import Field, FieldConfig
 from mvsdi.models import load_prior
 from mvsdi.priors.loading import resolve_device
-from mvsdi.rundir import atomic_write_json
+from mvsdi.atomic_files import atomic_write_json
 
 RUN_BUDGET = 10_000
 PARTS = ("render", "vae_encode", "unet", "backward", "optimiser")

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from mvsdi.distill import Distiller, Model  # noqa: E402
 from mvsdi.testbed import prior as prior_module  # noqa: E402
 from mvsdi.testbed.prior import IdealDenoiserPrior  # noqa: E402
-from mvsdi.testbed.study import MEDIUM, _measure, cell_config  # noqa: E402
+from mvsdi.testbed.cells import measure  # noqa: E402
+from mvsdi.testbed.settings import MEDIUM, cell_config  # noqa: E402
 
 
 def per_evaluation(prior, config, device, budget: int) -> tuple[float, Distiller]:
@@ -75,7 +76,7 @@ def main() -> int:
             print(f"| {guidance} | {method.name} | {config.view_batching} | {1000 * cost:.0f} | {1000 * unpruned:.0f} "
                   f"| {other} |", flush=True)
     started = time.perf_counter()
-    _measure(distiller, prior, config, 1.0)
+    measure(distiller, prior, config, 1.0)
     print(f"\none metric pass: {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -39,7 +39,7 @@ from mvsdi.render import DENSE  # noqa: E402
 from mvsdi.testbed import metrics as M  # noqa: E402
 from mvsdi.testbed.prior import IdealDenoiserPrior  # noqa: E402
 from mvsdi.testbed.scenes import BLUR_SIGMA, SCENES, ConstantBackground  # noqa: E402
-from mvsdi.testbed.study import FULL, METHODS, SMALL, StudySettings, cell_config  # noqa: E402
+from mvsdi.testbed.settings import FULL, METHODS, SMALL, StudySettings, cell_config  # noqa: E402
 
 SETTINGS = {"small": SMALL, "full": FULL, "default": StudySettings(scenes=("mug",), seeds=(0,))}
 COLUMNS = (("r_precision", "R-precision", "{:.2f}"), ("psnr", "PSNR (dB)", "{:.2f}"), ("iou", "IoU", "{:.3f}"),

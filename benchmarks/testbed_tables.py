@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from mvsdi.field import FieldConfig
-from mvsdi.testbed.study import StudySettings, write_summaries
+from mvsdi.testbed.settings import StudySettings
+from mvsdi.testbed.study import write_summaries
 
 
 def settings_of(meta: dict) -> StudySettings:

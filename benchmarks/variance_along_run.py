@@ -24,7 +24,8 @@ import time
 import torch
 
 from mvsdi.testbed.prior import IdealDenoiserPrior
-from mvsdi.testbed.study import METHODS, SMALL, cell_config, run_cell, variance_rows
+from mvsdi.testbed.cells import run_cell, variance_rows
+from mvsdi.testbed.settings import METHODS, SMALL, cell_config
 
 
 def measure(guidance: str, scene: str, seed: int, repeats: int, fractions: tuple[float, ...], budget: int | None):

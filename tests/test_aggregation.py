@@ -12,6 +12,7 @@ from mvsdi.distill import Distiller, Model, train
 from mvsdi.field import FieldConfig
 from mvsdi.priors.stable_diffusion import StableDiffusionPrior
 from mvsdi.render import DENSE
+from mvsdi.run_state import restore, snapshot
 from mvsdi.variance import flat_gradient
 
 CPU = torch.device("cpu")
@@ -120,11 +121,12 @@ def test_tau_trains_in_its_own_group_and_survives_a_checkpoint(prior):
     groups = {g["name"]: g for g in distiller.optimizer.param_groups}
     assert groups["consensus"]["lr"] == 0.01 and groups["consensus"]["params"] == [distiller.consensus.tau]
     record = distiller.step()
-    assert len(record["consensus_weights"]) == 2 and sum(record["consensus_weights"]) == pytest.approx(1.0)
-    assert record["consensus_sharpness"] == pytest.approx(math.log1p(math.exp(-6.0)), rel=1e-2)
+    logged = record.aggregation
+    assert len(logged["consensus_weights"]) == 2 and sum(logged["consensus_weights"]) == pytest.approx(1.0)
+    assert logged["consensus_sharpness"] == pytest.approx(math.log1p(math.exp(-6.0)), rel=1e-2)
     assert float(distiller.consensus.tau.detach()) != -6.0  # Adam moved it
-    state = distiller.snapshot()
+    state = snapshot(distiller)
     again = Distiller(config, prior, Model.create(config, CPU), CPU)
-    again.restore(state)
+    restore(again, state)
     assert torch.equal(again.consensus.tau, distiller.consensus.tau)
     assert train(again).status == "completed" and again.counters.steps == config.steps

@@ -421,8 +421,7 @@ def test_local_executor_gives_each_worker_process_one_gpu(bench, tmp_path):
 
 
 def test_bench_protocol_flag_reaches_the_aggregation(tmp_path, monkeypatch, capsys):
-    import mvsdi.bench.aggregate as aggregate_module
-    import mvsdi.bench.matrix as matrix_module
+    from mvsdi.bench import cli as bench_cli
     from mvsdi.cli import main
 
     seen = {}
@@ -433,10 +432,8 @@ def test_bench_protocol_flag_reaches_the_aggregation(tmp_path, monkeypatch, caps
         (out / "reference" / "summary.md").write_text("reference summary\n")
         return {"rows": []}
 
-    monkeypatch.setattr(aggregate_module, "aggregate", fake_aggregate)
-    monkeypatch.setattr(matrix_module, "read_spec", lambda out: None)
-    import mvsdi.bench.convergence as convergence_module
-
-    monkeypatch.setattr(convergence_module, "write_convergence", lambda out: None)
+    monkeypatch.setattr(bench_cli, "aggregate", fake_aggregate)
+    monkeypatch.setattr(bench_cli, "read_spec", lambda out: None)
+    monkeypatch.setattr(bench_cli, "write_convergence", lambda out: None)
     assert main(["bench", "--aggregate-only", str(tmp_path), "--protocol", "reference"]) == 0
     assert seen["protocol"] == "reference" and "reference summary" in capsys.readouterr().out

@@ -18,14 +18,14 @@ def angle_diff(a, b):
     return wrap_azimuth(a - b).abs()
 
 
-@pytest.mark.parametrize("name,k", [("random", 1), ("random", 3), ("antipodal", 2), ("antipodal", 4),
-                                    ("antipodal", 3), ("stratified", 4), ("mixed", 4), ("octahedral", 6),
-                                    ("random_axis", 2), ("random_axis", 3)])
-def test_every_sampler_stays_in_range_and_is_deterministic(name, k):
-    a = sample_views(name, k, gen(3))
-    b = sample_views(name, k, gen(3))
-    c = sample_views(name, k, gen(4))
-    assert len(a) == k
+@pytest.mark.parametrize("name,views", [("random", 1), ("random", 3), ("antipodal", 2), ("antipodal", 4),
+                                        ("antipodal", 3), ("stratified", 4), ("mixed", 4), ("octahedral", 6),
+                                        ("random_axis", 2), ("random_axis", 3)])
+def test_every_sampler_stays_in_range_and_is_deterministic(name, views):
+    a = sample_views(name, views, gen(3))
+    b = sample_views(name, views, gen(3))
+    c = sample_views(name, views, gen(4))
+    assert len(a) == views
     for f in dataclasses.fields(a):
         assert torch.equal(getattr(a, f.name), getattr(b, f.name))
     assert not torch.equal(a.azimuth_deg, c.azimuth_deg)
@@ -38,20 +38,20 @@ def test_every_sampler_stays_in_range_and_is_deterministic(name, k):
     assert (light_r >= 0.8 - 1e-5).all() and (light_r <= 1.5 + 1e-5).all()
 
 
-def draws(name, k, seeds=200, ranges=RANGES):
-    return [sample_views(name, k, gen(s), ranges) for s in range(seeds)]
+def draws(name, views, seeds=200, ranges=RANGES):
+    return [sample_views(name, views, gen(s), ranges) for s in range(seeds)]
 
 
-@pytest.mark.parametrize("name,k", [("antipodal", 2), ("antipodal", 4), ("random_axis", 2), ("stratified", 2),
-                                    ("mixed", 4), ("octahedral", 6)])
-def test_distance_fovy_light_and_jitter_are_drawn_for_every_view(name, k):
+@pytest.mark.parametrize("name,views", [("antipodal", 2), ("antipodal", 4), ("random_axis", 2), ("stratified", 2),
+                                        ("mixed", 4), ("octahedral", 6)])
+def test_distance_fovy_light_and_jitter_are_drawn_for_every_view(name, views):
     """The reference never shares them inside a pair or group; sharing made SDI's antipodal pairs
     near copies of one view."""
-    for cams in draws(name, k, seeds=20):
+    for cams in draws(name, views, seeds=20):
         for f in ("distance", "fovy_deg"):
-            assert len(set(getattr(cams, f).tolist())) == k, f
+            assert len(set(getattr(cams, f).tolist())) == views, f
         for f in ("light_position", "eye_offset", "center", "up"):
-            assert len({tuple(v) for v in getattr(cams, f).tolist()}) == k, f
+            assert len({tuple(v) for v in getattr(cams, f).tolist()}) == views, f
 
 
 def test_antipodal_pairs_are_views_i_and_i_plus_half_with_shared_elevation():
@@ -94,10 +94,10 @@ def test_random_axis_falls_back_to_the_horizon_when_no_elevation_has_its_mirror_
 
 
 def test_stratified_puts_one_view_in_each_stratum_with_its_own_offset():
-    for k in (1, 3, 4, 7):
-        for cams in draws("stratified", k, seeds=10):
-            strata = torch.floor((cams.azimuth_deg + 180) / (360 / k)).long().sort().values
-            assert torch.equal(strata, torch.arange(k))
+    for views in (1, 3, 4, 7):
+        for cams in draws("stratified", views, seeds=10):
+            strata = torch.floor((cams.azimuth_deg + 180) / (360 / views)).long().sort().values
+            assert torch.equal(strata, torch.arange(views))
     # an offset per view: at K=2 the two views are not antipodal (a shared offset would make them so)
     gaps = torch.tensor([float(angle_diff(c.azimuth_deg[0], c.azimuth_deg[1])) for c in draws("stratified", 2)])
     assert gaps.std() > 30 and gaps.min() < 120
@@ -144,11 +144,12 @@ def test_jitter_follows_the_reference_magnitudes():
     assert (still.center == 0).all() and (still.eye_offset == 0).all()
 
 
-@pytest.mark.parametrize("name,k,needs", [("antipodal", 1, ">= 2"), ("mixed", 2, "K = 4"), ("octahedral", 4, "K = 6"),
-                                          ("random", 0, ">= 1"), ("random_axis", 1, ">= 2")])
-def test_invalid_k_is_an_error_that_says_what_works(name, k, needs):
+@pytest.mark.parametrize("name,views,needs", [("antipodal", 1, ">= 2"), ("mixed", 2, "K = 4"),
+                                              ("octahedral", 4, "K = 6"), ("random", 0, ">= 1"),
+                                              ("random_axis", 1, ">= 2")])
+def test_invalid_k_is_an_error_that_says_what_works(name, views, needs):
     with pytest.raises(ValueError, match=needs):
-        sample_views(name, k, gen())
+        sample_views(name, views, gen())
 
 
 def test_unknown_sampler_lists_the_known_ones():

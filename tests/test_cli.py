@@ -139,3 +139,122 @@ def test_an_ideal_prior_run_trains_on_the_references_cameras():
     assert _ideal_prior_cameras(preset("sds", "duck", model="tiny")).cameras == CameraRanges()
     chosen = dataclasses.replace(CameraRanges(), elevation_deg=(0.0, 10.0))
     assert _ideal_prior_cameras(preset("sds", "duck", model="ideal:32", cameras=chosen)).cameras == chosen
+
+
+# ------------------------------------------------------------------------------------------------
+# the options are the config's knobs (issue 13)
+
+
+def generate_parser():
+    import argparse
+
+    from mvsdi.cli import _add_generate
+
+    parser = argparse.ArgumentParser(prog="mvsdi")
+    _add_generate(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def configured(*argv):
+    from mvsdi.cli import configure
+
+    return configure(generate_parser().parse_args(["generate", *argv]))
+
+
+def dotted_paths(data: dict, prefix: str = ""):
+    """Every leaf of a config.json, walked from the JSON (not from the code that makes the options)."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from dotted_paths(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_every_field_of_config_json_has_an_option_with_a_help_text(capsys):
+    from mvsdi.config import preset
+
+    parser = generate_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["generate"]
+    options = {flag: action for action in sub._actions for flag in action.option_strings}
+    paths = {path for name in ("sds", "sdi") for path in dotted_paths(preset(name, "x").to_dict())}
+    assert "guidance.delta_max" in paths and "guidance.t_min" in paths and "schedules.weights.tv.f1" in paths
+    for path in paths - {"prompt", "preset"}:  # the positional PROMPT and --preset (the start) stand for those
+        assert f"--{path}" in options, path
+        assert options[f"--{path}"].help.strip(), path
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"--{path}" in text for path in paths - {"prompt", "preset"})
+    assert "--guidance.delta_max INT t' = min(t + δ, T−1), δ ~ U{0..delta_max} (SDI only)" in text
+
+
+def test_a_dotted_option_and_set_give_the_same_config():
+    from mvsdi.config import preset
+
+    dotted = configured("x", "--guidance.delta_max", "20", "--cameras.fovy_deg", "40", "60", "--optim.lr", "0.005",
+                        "--field.compiled", "--prompts.perp_neg", "false", "--prompts.view_dependent", "no",
+                        "--aggregation.fixed_sharpness", "2", "--views", "4")
+    sets = configured("x", "--set", "guidance.delta_max=20", "--set", "cameras.fovy_deg=40,60", "--set",
+                      "optim.lr=0.005", "--set", "field.compiled=true", "--set", "prompts.perp_neg=false", "--set",
+                      "prompts.view_dependent=false", "--set", "aggregation.fixed_sharpness=2", "--set", "views=4")
+    assert dotted == sets and dotted != preset("mvsdi-k2", "x")
+    assert (dotted.guidance.delta_max, dotted.cameras.fovy_deg, dotted.field.compiled) == (20, (40.0, 60.0), True)
+
+
+def test_the_short_flags_keep_their_meaning():
+    from mvsdi.schedules import Ramp
+
+    config = configured("x", "-k", "4", "--sampler", "mixed", "--budget", "8", "--model", "tiny", "--seed", "3",
+                        "--resolution", "16", "--samples-per-ray", "8", "--eval-views", "2", "--eval-resolution", "12",
+                        "--device", "cpu", "--checkpoint-every", "5", "--view-batching", "sequential",
+                        "--fast-unet", "compile", "--aggregation", "consensus", "--elevation-range", "-5", "30",
+                        "--guidance-scale", "5", "--inversion-guidance-scale", "-5", "--no-t-anneal",
+                        "--negative-prompt", "blurry", "--tv-weight", "0.01", "--tv-warmup", "0.1",
+                        "--schedule", "reference")
+    assert (config.views, config.sampler, config.budget, config.model, config.seed) == (4, "mixed", 8, "tiny", 3)
+    assert (config.resolution, config.samples_per_ray, config.eval_views, config.eval_resolution) == (16, 8, 2, 12)
+    assert (config.device, config.checkpoint_every, config.view_batching, config.fast_unet) == (
+        "cpu", 5, "sequential", "compile")
+    assert config.aggregation.kind == "consensus" and config.cameras.elevation_deg == (-5.0, 30.0)
+    assert (config.guidance.guidance_scale, config.guidance.inversion_guidance_scale) == (5.0, -5.0)
+    assert config.guidance.t_anneal is False and config.prompts.negative_prompt == "blurry"
+    assert config.schedules.weights.tv == Ramp(0.0, 0.01, 0.0, 0.1)
+    assert config.schedule == "reference" and config.guidance.t_anneal_span == 4.0  # derived for the final K
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--views", "two"], "views takes an int, got 'two'"),
+    (["--aggregation", "median"], "aggregation.kind must be one of mean, consensus, got 'median'"),
+    (["--guidance.t_anneal", "maybe"], "guidance.t_anneal is true or false"),
+    (["--preset", "sds", "--inversion-guidance-scale", "3"], "guidance.inversion_guidance_scale is a setting of SDI"),
+    (["--set", "guidance.guidance_scal=3"], "unknown setting 'guidance.guidance_scal'"),
+])
+def test_an_ill_typed_or_unknown_knob_exits_2_naming_it(args, message, tmp_path, capsys):
+    assert main(["generate", "a cat", *args, "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_option_that_is_no_knob_exits_2_naming_it(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "a cat", "--guidance.colour", "3"])
+    assert info.value.code == 2 and "--guidance.colour" in capsys.readouterr().err
+
+
+def test_the_default_folder_names_the_preset_only_while_the_method_is_the_presets():
+    from mvsdi.cli import _target
+
+    def target(*argv):
+        return _target(generate_parser().parse_args(["generate", "a cat", *argv, "--device", "cpu"]))
+
+    config, out = target("--preset", "mvsdi-k2", "--views", "4")
+    assert config.preset == "mvsdi-k2" and config.views == 4  # the preset it started from, in config.json
+    assert out == Path("runs/a-cat-sdi-k4-antipodal-s0")
+    assert target("--preset", "mvsdi-k2", "--budget", "8", "--seed", "2")[1] == Path("runs/a-cat-mvsdi-k2-s2")
+    assert target("--preset", "sds", "--model", "ideal:16")[1] == Path("runs/a-cat-sds-s0")  # testbed cameras too
+
+
+def test_resume_takes_the_execution_settings_parsed():
+    from mvsdi.cli import _overrides
+
+    args = generate_parser().parse_args(["generate", "--resume", "RUN", "--device", "cpu", "--checkpoint-every", "5"])
+    assert _overrides(args) == {"device": "cpu", "checkpoint_every": 5}

@@ -10,7 +10,8 @@ import torch
 
 from mvsdi import cli
 from mvsdi.priors.loading import resolve_device
-from mvsdi.rundir import RunDirectoryError, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_checkpoint
+from mvsdi.atomic_files import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from mvsdi.rundir import RunDirectoryError, read_checkpoint
 
 # ------------------------------------------------------------------------------------------------
 # --device
@@ -178,17 +179,21 @@ def test_generate_help_explains_seed_samplers_models_and_exit_codes(capsys):
 
 
 def test_the_progress_bar_draws_its_last_line_once(monkeypatch):
+    from mvsdi import generate as generate_module
     from mvsdi.config import preset
     from mvsdi.generate import Progress
+    from mvsdi.step_record import StepRecord
 
     stream = io.StringIO()
-    import tqdm.auto
-
-    real = tqdm.auto.tqdm
-    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: real(*a, **k, file=stream, mininterval=0, miniters=1))
+    real = generate_module.tqdm
+    monkeypatch.setattr(generate_module, "tqdm",
+                        lambda *a, **k: real(*a, **k, file=stream, mininterval=0, miniters=1))
     bar = Progress(preset("sds", "a chair", budget=4), enabled=True)
     for spent in range(1, 5):
-        bar({"guidance_evaluations": spent, "t": [900 - spent], "loss": 1.0 / spent, "unet_calls": 2 * spent})
+        bar(StepRecord(step=spent - 1, fraction=(spent - 1) / 4, t=[900 - spent], loss=1.0 / spent, loss_terms={},
+                       guidance_evaluations=spent, unet_calls=2 * spent, unet_calls_step=2, unet_images=4 * spent,
+                       lr=0.01, levels=8, shading=["albedo"], grad_norm=1.0, skipped=False, batched_views=False,
+                       samples_per_ray_evaluated=8.0, aggregation={}))
     bar.close()
     lines = [line for line in stream.getvalue().replace("\r", "\n").splitlines() if line.strip()]
     assert sum("100%" in line for line in lines) == 1

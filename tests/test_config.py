@@ -58,3 +58,57 @@ def test_generate_help_says_what_each_preset_is(capsys):
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
     for name, (description, _) in PRESETS.items():
         assert f"{name} {description}" in lines
+
+
+def test_execution_settings_are_the_knobs_declared_so():
+    from mvsdi.config import execution_settings
+
+    assert set(execution_settings()) == {"device", "checkpoint_every", "view_batching", "fast_unet"}
+
+
+def test_every_config_field_is_a_knob_with_a_help_text():
+    import dataclasses
+
+    from mvsdi.knobs import knob_of
+
+    from mvsdi.aggregation import AggregationConfig
+    from mvsdi.cameras import CameraRanges
+    from mvsdi.config import OptimConfig
+    from mvsdi.field import FieldConfig
+    from mvsdi.guidance import SDIConfig, SDSConfig
+    from mvsdi.priors.prompts import PromptConfig
+    from mvsdi.render import RenderConfig
+    from mvsdi.schedules import LevelSchedule, LossWeights, Ramp, Schedules, ShadingSchedule
+
+    for cls in (RunConfig, SDSConfig, SDIConfig, CameraRanges, FieldConfig, RenderConfig, Schedules, LevelSchedule,
+                ShadingSchedule, LossWeights, Ramp, PromptConfig, AggregationConfig, OptimConfig):
+        for f in dataclasses.fields(cls):  # knob_of refuses a field not declared with knob()
+            assert knob_of(f).help.strip(), f"{cls.__name__}.{f.name}"
+
+
+def test_the_label_is_the_presets_name_only_while_the_method_is_the_presets():
+    import dataclasses
+
+    from mvsdi.config import apply_settings, preset_of, run_label
+
+    def label(config):
+        return run_label(config, preset_of(config))
+
+    k2 = preset("mvsdi-k2", "x")
+    # the prompt, seed, budget, sizes and execution settings are not the method
+    assert label(preset("mvsdi-k2", "y", seed=3, budget=8, resolution=16, device="cpu", model="tiny")) == "mvsdi-k2"
+    assert label(preset("mvsdi-k6-octa", "x", budget=12)) == "mvsdi-k6-octa"
+    four = dataclasses.replace(k2, views=4)
+    assert four.preset == "mvsdi-k2" and label(four) == "sdi-k4-antipodal"  # the preset it started from stays
+    assert label(apply_settings(k2, {"guidance.guidance_scale": "20"})) == "sdi-k2-antipodal"
+    assert label(apply_settings(k2, {"aggregation.kind": "consensus"})) == "sdi-k2-antipodal-consensus"
+    assert label(preset("cw-mvsdi-k2", "x")) == "cw-mvsdi-k2"
+    assert label(apply_settings(preset("sds", "x"), {"views": "2", "sampler": "antipodal"})) == "sds-k2-antipodal"
+    assert label(dataclasses.replace(k2, preset="my-own")) == "sdi-k2-antipodal"  # a name that is no preset
+
+
+def test_a_bench_sets_only_knobs_outside_the_method():
+    from mvsdi.bench.matrix import OVERRIDES
+    from mvsdi.knobs import names
+
+    assert set(OVERRIDES) <= set(names(RunConfig, method=False))

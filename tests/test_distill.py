@@ -76,21 +76,21 @@ def test_unet_calls_follow_the_t_schedule_and_evaluations_the_budget(prior):
     distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
     before = prior.counters.calls
     records = [distiller.step() for _ in range(config.steps)]
-    assert len(records) == 6 and records[-1]["guidance_evaluations"] == 12
-    assert all(len(set(r["t"])) == 1 for r in records)  # SDI: the views of a step share the annealed t
-    expected = [sum(sdi_unet_calls(t, config.guidance, 1000) for t in r["t"]) for r in records]
-    assert [r["unet_calls_step"] for r in records] == expected
+    assert len(records) == 6 and records[-1].guidance_evaluations == 12
+    assert all(len(set(r.t)) == 1 for r in records)  # SDI: the views of a step share the annealed t
+    expected = [sum(sdi_unet_calls(t, config.guidance, 1000) for t in r.t) for r in records]
+    assert [r.unet_calls_step for r in records] == expected
     assert prior.counters.calls - before == sum(expected)
     # SDI anneals t from 980 down as the budget is spent
-    assert records[0]["t"][0] == 980 and all(a["t"][0] > b["t"][0] for a, b in zip(records, records[1:]))
+    assert records[0].t[0] == 980 and all(a.t[0] > b.t[0] for a, b in zip(records, records[1:]))
 
 
 def test_sds_evaluation_is_one_unet_call_with_its_own_t(prior):
     config = small("mvsds-k2", budget=8)
     distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
     records = [distiller.step() for _ in range(config.steps)]
-    assert [r["unet_calls_step"] for r in records] == [2, 2, 2, 2]
-    assert any(len(set(r["t"])) == 2 for r in records)  # views draw t independently
+    assert [r.unet_calls_step for r in records] == [2, 2, 2, 2]
+    assert any(len(set(r.t)) == 2 for r in records)  # views draw t independently
 
 
 def test_k_views_at_equal_budget_follow_the_same_schedule(prior):
@@ -98,7 +98,7 @@ def test_k_views_at_equal_budget_follow_the_same_schedule(prior):
     for name in ("sdi", "mvsdi-k2", "mvsdi-k4"):
         config = small(name, budget=8)
         distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
-        seen[name] = {r["fraction"]: (r["t"][0], r["levels"]) for r in (distiller.step() for _ in range(config.steps))}
+        seen[name] = {r.fraction: (r.t[0], r.levels) for r in (distiller.step() for _ in range(config.steps))}
     for fraction, value in seen["mvsdi-k4"].items():
         assert seen["sdi"][fraction] == value == seen["mvsdi-k2"][fraction]
 
@@ -121,11 +121,11 @@ def test_a_non_finite_step_is_skipped_and_counted(prior, monkeypatch):
     monkeypatch.setattr(distill_module, "guidance_loss", sometimes_nan)
     before = [p.detach().clone() for p in distiller.model.field.parameters()]
     first = distiller.step()
-    assert first["skipped"] and distiller.counters.skipped_steps == 1
+    assert first.skipped and distiller.counters.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, distiller.model.field.parameters()))
     assert not distiller.optimizer.state  # Adam never saw the NaN gradient
     second = distiller.step()
-    assert not second["skipped"] and second["guidance_evaluations"] == 2
+    assert not second.skipped and second.guidance_evaluations == 2
     assert all(torch.isfinite(p).all() for p in distiller.model.field.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, distiller.model.field.parameters()))
 
@@ -141,7 +141,7 @@ def test_sdi_without_its_anneal_never_batches_views(prior):
     uniform_t = dataclasses.replace(config, guidance=SDIConfig(t_anneal=False))
     distiller = Distiller(uniform_t, prior, Model.create(uniform_t, CPU), CPU)
     assert not distiller.batches_views()
-    assert len(set(distiller.step()["t"])) == 2  # each view drew its own t
+    assert len(set(distiller.step().t)) == 2  # each view drew its own t
 
 
 def test_auto_view_batching_times_both_ways_after_warming_up_and_keeps_the_faster():
@@ -166,6 +166,24 @@ def test_auto_view_batching_drives_the_steps_where_it_measures(prior, monkeypatc
     distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
     assert not distiller.batches_views()  # the CPU never batches under auto
     monkeypatch.setattr(distiller, "_measures_batching", lambda: True)  # as on CUDA
-    flags = [distiller.step()["batched_views"] for _ in range(6)]
+    flags = [distiller.step().batched_views for _ in range(6)]
     assert flags[:4] == [False, True, False, True]
     assert flags[4:] == [distiller.auto_batching.choice()] * 2
+
+
+def test_a_step_record_logs_the_documented_line(prior):
+    """log.jsonl's keys and their order are a file format (README's run directory table)."""
+    import json
+
+    config = small("cw-mvsdi-k2", budget=4)
+    distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
+    record = distiller.step()
+    line = record.to_log()
+    assert list(line) == ["step", "fraction", "t", "loss", *(f"loss_{name}" for name in record.loss_terms),
+                          "guidance_evaluations", "unet_calls", "unet_calls_step", "unet_images", "lr", "levels",
+                          "shading", "grad_norm", "skipped", "batched_views", "samples_per_ray_evaluated",
+                          "consensus_weights", "consensus_agreement", "consensus_sharpness"]
+    assert "loss_guidance" in line and line["guidance_evaluations"] == 2 and line["step"] == 0
+    record.wall_s = 1.5  # set by train: the line's last key
+    assert list(record.to_log())[-1] == "wall_s"
+    assert json.loads(json.dumps(record.to_log())) == record.to_log()  # JSON-ready: plain values only

@@ -163,14 +163,23 @@ def openclip_state_dict(width=32, layers=2, patch=8, grid=4, text_width=32, voca
         sd[f"{name}.weight"], sd[f"{name}.bias"] = 1 + r(w, scale=0.1), r(w, scale=0.1)
     for prefix, w in (("visual.", width), ("", text_width)):
         for i in range(layers):
-            p = f"{prefix}transformer.resblocks.{i}."
-            sd.update({p + "ln_1.weight": 1 + r(w, scale=0.1), p + "ln_1.bias": r(w, scale=0.1),
-                       p + "ln_2.weight": 1 + r(w, scale=0.1), p + "ln_2.bias": r(w, scale=0.1),
-                       p + "attn.in_proj_weight": r(3 * w, w), p + "attn.in_proj_bias": r(3 * w),
-                       p + "attn.out_proj.weight": r(w, w), p + "attn.out_proj.bias": r(w),
-                       p + "mlp.c_fc.weight": r(2 * w, w), p + "mlp.c_fc.bias": r(2 * w),
-                       p + "mlp.c_proj.weight": r(w, 2 * w), p + "mlp.c_proj.bias": r(w)})
+            sd.update(random_block(r, f"{prefix}transformer.resblocks.{i}.", OPENCLIP_BLOCK, w, 2 * w))
     return sd
+
+
+# the key stems of a block's (first norm, second norm, packed qkv, attention output, MLP in, MLP out)
+OPENCLIP_BLOCK = ("ln_1.", "ln_2.", "attn.in_proj_", "attn.out_proj.", "mlp.c_fc.", "mlp.c_proj.")
+
+
+def random_block(r, prefix: str, stems: tuple[str, ...], width: int, hidden: int) -> dict[str, torch.Tensor]:
+    """Random weights of a pre-norm transformer block (``r(*shape, scale)`` draws them): two layer
+    norms near the identity, packed qkv, the attention output and an MLP of ``hidden`` units. A key
+    is ``prefix + stem + "weight"`` or ``"bias"``, with ``stems`` in the order of OPENCLIP_BLOCK."""
+    w = width
+    tensors = [1 + r(w, scale=0.1), r(w, scale=0.1), 1 + r(w, scale=0.1), r(w, scale=0.1), r(3 * w, w), r(3 * w),
+               r(w, w), r(w), r(hidden, w), r(hidden), r(w, hidden), r(w)]
+    keys = [prefix + stem + kind for stem in stems for kind in ("weight", "bias")]
+    return dict(zip(keys, tensors, strict=True))
 
 
 def reference_blocks(x, sd, prefix, heads, causal):

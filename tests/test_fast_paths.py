@@ -63,19 +63,19 @@ def test_batched_guidance_gives_the_sequential_gradient(priors, tiny_sd_prior64,
     grad_seq, rec_seq, (calls_seq, images_seq) = one_step(sequential, prior)
     grad_bat, rec_bat, (calls_bat, images_bat) = one_step(batched, prior)
 
-    assert rec_bat["t"] == rec_seq["t"] and rec_bat["shading"] == rec_seq["shading"]
-    assert set(rec_seq["shading"]) != {"albedo"}  # the schedule really shaded some views
+    assert rec_bat.t == rec_seq.t and rec_bat.shading == rec_seq.shading
+    assert set(rec_seq.shading) != {"albedo"}  # the schedule really shaded some views
     assert grad_seq.abs().max() > 0
     # Only the prior's batch size differs (float64 rounding of batched kernels): 1e-8 of the largest entry.
     assert grad_seq.dtype == torch.float64
     scale = grad_seq.abs().max().item()
     assert (grad_bat - grad_seq).abs().max() <= 1e-8 * scale, (grad_bat - grad_seq).abs().max()
-    assert rec_bat["loss"] == pytest.approx(rec_seq["loss"], rel=1e-10)
+    assert rec_bat.loss == pytest.approx(rec_seq.loss, rel=1e-10)
     # Counting: the same images pass through the network; the K views' calls become one batch.
     assert images_bat == images_seq
-    per_view = 1 if guidance == "sds" else sdi_unet_calls(rec_seq["t"][0], sequential.guidance, 1000)
+    per_view = 1 if guidance == "sds" else sdi_unet_calls(rec_seq.t[0], sequential.guidance, 1000)
     assert (calls_seq, calls_bat) == (views * per_view, per_view)
-    assert rec_bat["guidance_evaluations"] == rec_seq["guidance_evaluations"] == views
+    assert rec_bat.guidance_evaluations == rec_seq.guidance_evaluations == views
 
 
 def test_the_gradient_check_catches_a_re_render_with_other_randomness(priors, monkeypatch):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_evaluate import eval_cli, make_run, textured
+from test_evaluate import eval_cli, make_run, random_block, textured
 
 from mvsdi.evaluate import image_reward as ir
 from mvsdi.evaluate.clip_metrics import OPENAI_MEAN, OPENAI_STD, MetricLoadError
@@ -17,6 +17,8 @@ WORDS = ["a", "an", "the", "cat", "dog", "red", "blue", "car", "on", "photo", "o
 VISION = dict(width=128, heads=2, layers=2, patch=8, grid=4)  # 32² images; BLIP heads are 64 wide
 TEXT = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
             max_position_embeddings=40, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)
+# BLIP's ViT block keys, in the order of test_evaluate.OPENCLIP_BLOCK
+BLIP_VIT_BLOCK = ("norm1.", "norm2.", "attn.qkv.", "attn.proj.", "mlp.fc1.", "mlp.fc2.")
 HEAD_INDICES = (0, 2, 4, 6, 7)  # the official nn.Sequential: Linear/Dropout pairs, then two Linears
 HEAD_SIZES = (32, 16, 8, 4, 2, 1)
 
@@ -56,13 +58,7 @@ def official_state_dict(seed=0) -> dict[str, torch.Tensor]:
           "blip.vision_proj.weight": r(8, w), "blip.vision_proj.bias": r(8), "blip.text_proj.weight": r(8, t),
           "blip.text_proj.bias": r(8), "blip.text_encoder.embeddings.position_ids": torch.arange(40).expand(1, -1)}
     for i in range(VISION["layers"]):
-        b = f"{v}blocks.{i}."
-        sd.update({b + "norm1.weight": 1 + r(w, scale=0.1), b + "norm1.bias": r(w, scale=0.1),
-                   b + "norm2.weight": 1 + r(w, scale=0.1), b + "norm2.bias": r(w, scale=0.1),
-                   b + "attn.qkv.weight": r(3 * w, w), b + "attn.qkv.bias": r(3 * w),
-                   b + "attn.proj.weight": r(w, w), b + "attn.proj.bias": r(w),
-                   b + "mlp.fc1.weight": r(4 * w, w), b + "mlp.fc1.bias": r(4 * w),
-                   b + "mlp.fc2.weight": r(w, 4 * w), b + "mlp.fc2.bias": r(w)})
+        sd.update(random_block(r, f"{v}blocks.{i}.", BLIP_VIT_BLOCK, w, 4 * w))
     e = "blip.text_encoder.embeddings."
     sd.update({e + "word_embeddings.weight": r(med_config()["vocab_size"], t),
                e + "position_embeddings.weight": r(TEXT["max_position_embeddings"], t),

@@ -19,9 +19,11 @@ from mvsdi.cameras import Cameras, rays, sample_views
 from mvsdi.config import RunConfig, preset
 from mvsdi.distill import Distiller, Model
 from mvsdi.field import Background, Field, FieldConfig
+from mvsdi.generate import evaluation_renders
 from mvsdi.occupancy import OccupancyGrid, density_function, density_threshold_for
 from mvsdi.render import (DENSE, RenderConfig, _Rays, _Selection, composite_weights, ray_box, render, sample_distances,
                           select_samples)
+from mvsdi.run_state import restore, roll_back, snapshot
 from mvsdi.testbed.prior import IdealDenoiserPrior
 
 CPU = torch.device("cpu")
@@ -218,12 +220,12 @@ def grids_along_the_budget(prior, views: int, seed: int = 0) -> dict[float, tupl
 def test_grid_refreshes_follow_the_budget_fraction_not_k(prior):
     """Refresh every 4 evaluations: K = 1, 2, 4 refresh at the same fractions, with the same keyed
     jitter, so on the same field they hold the same grid wherever they meet."""
-    runs = {k: grids_along_the_budget(prior, k) for k in (1, 2, 4)}
+    runs = {views: grids_along_the_budget(prior, views) for views in (1, 2, 4)}
     assert [p for p, _ in runs[1].values()] == [e // 4 for e in range(16)]
     assert len({p for p, _ in runs[1].values()}) == 4  # initialised, then refreshed 3 times
-    for k in (2, 4):
-        for fraction, (period, values) in runs[k].items():
-            assert period == runs[1][fraction][0] and torch.equal(values, runs[1][fraction][1]), (k, fraction)
+    for views in (2, 4):
+        for fraction, (period, values) in runs[views].items():
+            assert period == runs[1][fraction][0] and torch.equal(values, runs[1][fraction][1]), (views, fraction)
     final = runs[1][15 / 16][1]
     assert not torch.equal(final, runs[1][0.0][1])  # the refreshes changed it
     assert torch.equal(grids_along_the_budget(prior, 1)[15 / 16][1], final)  # deterministic
@@ -234,32 +236,32 @@ def test_steps_log_samples_per_ray_and_the_grid_survives_snapshot_restore(prior,
     config = config_for(2, budget=12, render=RenderConfig(grid_resolution=8, grid_refresh_every=2))
     a = Distiller(config, prior, Model.create(config, CPU), CPU)
     records = [a.step() for _ in range(3)]
-    assert all(0 < r["samples_per_ray_evaluated"] < config.samples_per_ray for r in records)
+    assert all(0 < r.samples_per_ray_evaluated < config.samples_per_ray for r in records)
     path = tmp_path / "state.pt"
-    torch.save(a.snapshot(), path)
+    torch.save(snapshot(a), path)
     state = torch.load(path, weights_only=True)  # what a resumed run reads
     assert state["occupancy"]["period"] == a.occupancy.period == 2
     b = Distiller(config, prior, Model.create(config, CPU), CPU)
-    b.restore(state)
+    restore(b, state)
     assert torch.equal(b.occupancy.values, a.occupancy.values) and b.occupancy.period == a.occupancy.period
     ra, rb = a.step(), b.step()
-    assert ra["loss"] == rb["loss"] and ra["samples_per_ray_evaluated"] == rb["samples_per_ray_evaluated"]
+    assert ra.loss == rb.loss and ra.samples_per_ray_evaluated == rb.samples_per_ray_evaluated
     assert torch.equal(a.occupancy.values, b.occupancy.values)
     # a rollback returns the grid too; one to a snapshot from before the first step rebuilds it
-    a.roll_back(state)
+    roll_back(a, state)
     assert torch.equal(a.occupancy.values, state["occupancy"]["values"])
     fresh = Distiller(config, prior, Model.create(config, CPU), CPU)
-    early = fresh.snapshot()
+    early = snapshot(fresh)
     assert early["occupancy"] is None
     fresh.step()
-    fresh.roll_back(early)
+    roll_back(fresh, early)
     assert not fresh.occupancy.ready
 
 
 def test_the_dense_config_evaluates_every_sample(prior):
     config = config_for(1, render=DENSE)
     distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
-    assert distiller.step()["samples_per_ray_evaluated"] == config.samples_per_ray
+    assert distiller.step().samples_per_ray_evaluated == config.samples_per_ray
     assert distiller.occupancy is None
     assert RunConfig.from_dict(config.to_dict()) == config
     assert preset("sdi", "x").render == RenderConfig() and RenderConfig().occupancy_grid
@@ -270,6 +272,6 @@ def test_the_dense_config_evaluates_every_sample(prior):
 def test_evaluation_renders_before_training_leave_the_run_state_alone(prior):
     config = config_for(1)
     distiller = Distiller(config, prior, Model.create(config, CPU), CPU)
-    outs = distiller.evaluation_renders()
+    outs = evaluation_renders(distiller)
     assert distiller.occupancy is None and len(outs) == 2
     assert math.isfinite(outs[0].stats["samples_per_ray"]) and outs[0].stats["samples_per_ray"] < 8

@@ -99,3 +99,28 @@ def test_a_config_file_that_is_not_one_is_refused(tmp_path, capsys):
     assert main(["generate", "--config", str(bad), "--out", str(tmp_path / "o"), *FAST]) == 2
     assert "not a mvsdi run config" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_settings_apply_together_so_a_valid_combination_is_never_half_applied():
+    sdi = preset("sdi", "x")
+    with pytest.raises(ValueError, match="not a multiple of K=3"):
+        apply(sdi, "views", "3")  # alone, K=3 does not divide the budget of 10,000
+    assert (apply_all(sdi, {"views": "3", "budget": "9"}).steps) == 3
+    both = apply_all(sdi, {"guidance.t_start": "0.2", "guidance.t_end": "0.1"})  # t_end <= t_start only together
+    assert (both.guidance.t_start, both.guidance.t_end) == (0.2, 0.1)
+
+
+def test_a_setting_of_the_other_guidance_kind_says_whose_it_is():
+    with pytest.raises(ValueError, match="guidance.delta_max is a setting of SDIConfig only.*guidance is SDSConfig"):
+        apply(preset("sds", "x"), "guidance.delta_max", "5")
+    with pytest.raises(ValueError, match="guidance.t_min is a setting of SDSConfig only"):
+        apply(preset("sdi", "x"), "guidance.t_min", "0.1")
+
+
+def test_top_level_fields_parse_by_their_declared_type():
+    from mvsdi.overrides import parse_fields
+
+    assert parse_fields(RunConfig, {"views": "4", "device": "cpu", "perturb_samples": "no"}) == {
+        "views": 4, "device": "cpu", "perturb_samples": False}
+    with pytest.raises(ValueError, match="unknown setting.*colour"):
+        parse_fields(RunConfig, {"colour": "red"})

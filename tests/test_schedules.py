@@ -12,11 +12,11 @@ def test_budget_gives_steps():
     assert steps_for_budget(12, 6) == 2
 
 
-@pytest.mark.parametrize("budget,k,msg", [(3, 4, "smaller than K=4"), (10_001, 4, "use 10000 or 10004"),
-                                          (10, 0, ">= 1")])
-def test_bad_budgets_are_refused_with_a_fix(budget, k, msg):
+@pytest.mark.parametrize("budget,views,msg", [(3, 4, "smaller than K=4"), (10_001, 4, "use 10000 or 10004"),
+                                              (10, 0, ">= 1")])
+def test_bad_budgets_are_refused_with_a_fix(budget, views, msg):
     with pytest.raises(ValueError, match=msg):
-        steps_for_budget(budget, k)
+        steps_for_budget(budget, views)
 
 
 def test_schedules_are_identical_across_k_at_equal_budget_fraction():
@@ -24,9 +24,9 @@ def test_schedules_are_identical_across_k_at_equal_budget_fraction():
     budget, sched, sdi = 10_000, Schedules(), SDIConfig()
     for s4 in range(0, 2_500, 37):
         values = []
-        for k in (1, 2, 4):
-            step = s4 * 4 // k
-            f = fraction_spent(step, k, budget)
+        for views in (1, 2, 4):
+            step = s4 * 4 // views
+            f = fraction_spent(step, views, budget)
             g = torch.Generator().manual_seed(0)
             values.append((f, sched.levels(f, 16), sched.weights.at(f), timestep(sdi, f, g, 1000)))
         assert values[0] == values[1] == values[2]
@@ -65,22 +65,22 @@ from mvsdi.config import preset, with_schedule  # noqa: E402
 from mvsdi.schedules import REFERENCE_STEP_SCHEDULES, reference_schedules  # noqa: E402
 
 
-@pytest.mark.parametrize("name,k,final_t,levels_at_end,ambient,sparsity_off,convexity_low", [
+@pytest.mark.parametrize("name,views,final_t,levels_at_end,ambient,sparsity_off,convexity_low", [
     ("sdi", 1, 250, 16, 0.10, 0.30, 0.40),
     ("mvsdi-k2", 2, 615, 13, 0.20, 0.60, 0.80),
     ("mvsdi-k4", 4, 797, 16, 0.10, 0.60, 0.80),
     ("mvsdi-k6-octa", 6, 858, 16, 0.10, 0.60, 0.80),
 ])
-def test_reference_schedules_reproduce_the_reference_table(name, k, final_t, levels_at_end, ambient, sparsity_off,
-                                                           convexity_low):
+def test_reference_schedules_reproduce_the_reference_table(name, views, final_t, levels_at_end, ambient,
+                                                           sparsity_off, convexity_low):
     """../shared/DESIGN.md's table: what the reference's K-view configs do over their own steps."""
     config = with_schedule(preset(name, "x"), "reference")
     steps, sched = config.steps, config.schedules
-    last = fraction_spent(steps - 1, k, config.budget)
+    last = fraction_spent(steps - 1, views, config.budget)
     g = torch.Generator().manual_seed(0)
     assert abs(timestep(config.guidance, last, g, 1000) - final_t) <= 1
     assert sched.levels(last, 16) == levels_at_end
-    fraction_of_run = lambda s: fraction_spent(s, k, config.budget)  # noqa: E731
+    fraction_of_run = lambda s: fraction_spent(s, views, config.budget)  # noqa: E731
     # albedo only while step < ambient_only_steps; the ramps end at their step counts
     assert sched.shading.ambient_only_until == pytest.approx(fraction_of_run(round(ambient * steps)), abs=1e-3)
     assert sched.weights.sparsity(fraction_of_run(round(sparsity_off * steps))) == pytest.approx(0.0, abs=1e-3)
@@ -88,10 +88,10 @@ def test_reference_schedules_reproduce_the_reference_table(name, k, final_t, lev
 
 
 def test_reference_levels_step_exactly_at_the_configs_step_counts():
-    k = 4
-    start, every = REFERENCE_STEP_SCHEDULES[k][:2]
-    levels = reference_schedules(k).levels
-    f = lambda s: fraction_spent(s, k, 10_000)  # noqa: E731
+    views = 4
+    start, every = REFERENCE_STEP_SCHEDULES[views][:2]
+    levels = reference_schedules(views).levels
+    f = lambda s: fraction_spent(s, views, 10_000)  # noqa: E731
     assert [levels(f(s), 16) for s in (start - 1, start, start + every - 1, start + every)] == [8, 8, 8, 9]
 
 

@@ -242,6 +242,50 @@ def test_a_run_that_keeps_failing_ends_diverged_at_its_last_good_state(tiny_prio
         assert torch.equal(value, good[name])
 
 
+def _records_of_the_run(records):
+    """The log lines without their times, nor the prior's running counts (the module's prior is shared)."""
+    return [{key: value for key, value in r.to_log().items() if key not in ("wall_s", "unet_calls", "unet_images")}
+            for r in records]
+
+
+def _field_state(distiller):
+    return {name: value.clone() for name, value in distiller.model.field.state_dict().items()}
+
+
+def test_train_until_a_step_then_on_is_the_same_run_as_one_call(tiny_prior):
+    whole, records = _distiller(tiny_prior), []
+    assert train(whole, on_step=records.append).status == "completed"
+    pieces, piece_records = _distiller(tiny_prior), []
+    statuses = [train(pieces, on_step=piece_records.append, until_step=until).status for until in (2, 2, 5, None)]
+    assert statuses == ["paused", "paused", "paused", "completed"]  # a second call at step 2 runs nothing
+    assert pieces.counters == whole.counters and pieces.counters.steps == pieces.config.steps == 6
+    assert _records_of_the_run(piece_records) == _records_of_the_run(records)
+    assert all(torch.equal(a, b) for a, b in zip(_field_state(pieces).values(), _field_state(whole).values()))
+    with pytest.raises(ValueError, match="steps 0 to 6"):
+        train(pieces, until_step=7)
+
+
+def test_the_progress_bar_counts_redone_steps_in_its_total(tiny_prior, monkeypatch):
+    """A rollback returns the step counter while evaluations spent keep counting: the bar's total
+    grows by the redone steps' evaluations, so it never runs past it and ends full."""
+    from mvsdi.generate import Progress
+
+    distiller = _distiller(tiny_prior, max_rollbacks=2)
+    state = _poison(monkeypatch, lambda d: d.counters.rollbacks == 0 and d.counters.steps in (4, 5))
+    state["distiller"] = distiller
+    bar = Progress(distiller.config, enabled=True, counters=distiller.counters)
+    seen = []
+
+    def on_step(record):
+        bar(record)
+        seen.append((bar.bar.n, bar.bar.total))
+
+    assert train(distiller, on_step=on_step).events  # one rollback: steps 4 and 5 run again
+    bar.close()
+    assert all(n <= total for n, total in seen)
+    assert seen[0] == (2, 12) and seen[-1] == (16, 16) == (distiller.counters.guidance_evaluations,) * 2
+
+
 def test_collapse_kinds():
     assert collapse_kind(torch.zeros(3, 4, 4, 1)) == "empty"
     assert collapse_kind(torch.ones(3, 4, 4, 1)) == "saturated"

@@ -165,7 +165,7 @@ def _study_candidates_rows(name: str, others: list[str], blob_views):
     """evaluate_field of each sanity candidate against ``name`` at the small study's settings (the
     blob's renders, the same for every scene, are drawn once: ``blob_views``)."""
     from mvsdi.testbed.metrics import evaluate_renders, sanity_candidates
-    from mvsdi.testbed.study import METHODS, SMALL, cell_config
+    from mvsdi.testbed.settings import METHODS, SMALL, cell_config
 
     config = cell_config(SMALL, "sds", METHODS[0], name, 0)
     other = others[(others.index(name) + 1) % len(others)]
@@ -181,7 +181,7 @@ def _study_candidates_rows(name: str, others: list[str], blob_views):
 def study_blob():
     """The initial field of the small study's cells (seed 0) and its evaluation renders."""
     from mvsdi.distill import Model
-    from mvsdi.testbed.study import METHODS, SMALL, cell_config
+    from mvsdi.testbed.settings import METHODS, SMALL, cell_config
 
     config = cell_config(SMALL, "sds", METHODS[0], "mug", 0)
     blob = Model.create(config, torch.device("cpu")).field

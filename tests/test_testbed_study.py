@@ -9,8 +9,11 @@ import pytest
 from mvsdi.cli import main
 from mvsdi.field import FieldConfig
 from mvsdi.statistics import mean_interval
-from mvsdi.testbed.study import (METHODS, StudySettings, run_study, summarise, table_markdown, variance_markdown,
-                                 variance_rows, variance_summary)
+from mvsdi.testbed import cli as testbed_cli
+from mvsdi.testbed.cells import variance_rows
+from mvsdi.testbed.settings import METHODS, StudySettings
+from mvsdi.testbed.study import run_study
+from mvsdi.testbed.tables import summarise, table_markdown, variance_markdown, variance_summary
 
 TINY = StudySettings(scenes=("mug",), seeds=(0,), guidances=("sds",), budgets=(8,), image_size=16, references=16,
                      samples_per_ray=12, fractions=(1.0,), variance_repeats=3, variance_fractions=(0.0, 1.0),
@@ -60,7 +63,8 @@ def test_the_variance_at_the_start_of_the_run_is_the_estimator_at_the_initial_fi
 
     from mvsdi.distill import Distiller, Model
     from mvsdi.testbed.prior import IdealDenoiserPrior
-    from mvsdi.testbed.study import cell_config, run_cell
+    from mvsdi.testbed.cells import run_cell
+    from mvsdi.testbed.settings import cell_config
     from mvsdi.variance import estimator_variance
 
     cpu = torch.device("cpu")
@@ -76,6 +80,37 @@ def test_the_variance_at_the_start_of_the_run_is_the_estimator_at_the_initial_fi
     rows = variance_rows(TINY, prior, "sds", "mug", 0, {0.0: cell.snapshots[0.0]}, cpu)
     direct = estimator_variance(Distiller(config, prior, fresh, cpu), 0.0, TINY.variance_repeats, seed=0)
     assert rows[0]["per_evaluation"] == pytest.approx(direct.per_evaluation, rel=1e-9)
+
+
+def test_a_cell_whose_training_diverges_is_measured_where_it_stopped(monkeypatch):
+    """distill.train stops a run whose rollbacks are spent; the cell's rows say so instead of
+    measuring a fraction of the budget it never reached as if it had."""
+    import dataclasses
+
+    import torch
+
+    from mvsdi.distill import Model
+    from mvsdi.testbed.cells import run_cell
+    from mvsdi.testbed.prior import IdealDenoiserPrior
+    from mvsdi.testbed.settings import cell_config
+
+    cpu = torch.device("cpu")
+    prior = IdealDenoiserPrior(n_references=TINY.references, image_size=TINY.image_size, device=cpu)
+    config = dataclasses.replace(cell_config(TINY, "sds", METHODS[0], "mug", 0), max_consecutive_skips=1,
+                                 max_rollbacks=1)
+    real, calls = Model.gradient_norm, []
+
+    def fails_after_three_steps(model):
+        calls.append(1)
+        return real(model) if len(calls) <= 3 else math.nan
+
+    monkeypatch.setattr(Model, "gradient_norm", fails_after_three_steps)
+    cell = run_cell(prior, config, (0.5, 1.0), cpu)
+    # steps 0-2 applied; step 3 skipped → back to the call's start (step 0); skipped again → diverged
+    assert [r["fraction"] for r in cell.rows] == [0.5, 1.0]
+    assert all(r["diverged"] and "training diverged" in r["diverged_reason"] for r in cell.rows)
+    assert all(r["guidance_evaluations"] == 5 for r in cell.rows)  # spent, the rolled-back steps included
+    assert len(calls) == 5 and cell.frames.shape[0] == config.eval_views
 
 
 def test_summary_statistics():
@@ -117,16 +152,17 @@ def test_two_draws_give_no_interval_and_the_table_says_so():
 
 
 def test_every_figure_gives_a_method_the_same_colour(tmp_path, monkeypatch):
-    from mvsdi.testbed import study
+    from mvsdi.testbed import figures as study_figures
+    from mvsdi.testbed.settings import METRICS
 
     figures = []
-    monkeypatch.setattr(study, "save_figure", lambda fig, path, dpi=100: figures.append(fig))
-    results = [{"guidance": "sds", "method": m.name, "fraction": f, "budget": 8, **{k: 0.5 for k in study.METRICS}}
+    monkeypatch.setattr(study_figures, "save_figure", lambda fig, path, dpi=100: figures.append(fig))
+    results = [{"guidance": "sds", "method": m.name, "fraction": f, "budget": 8, **{k: 0.5 for k in METRICS}}
                for m in METHODS for f in (0.0, 1.0)]
     variance = [{"guidance": "sds", "method": m.name, "fraction": f, "ratio": 1.0, "log_ratio_se": 0.1}
                 for m in METHODS for f in (0.0, 1.0)]
-    study.plot_metric_vs_budget(results, tmp_path)
-    study.plot_variance(variance, tmp_path)
+    study_figures.plot_metric_vs_budget(results, tmp_path)
+    study_figures.plot_variance(variance, tmp_path)
     colours = [{h.get_label(): h.get_color() for h in fig.axes[0].get_lines() if not h.get_label().startswith("_")}
                | {c.get_label(): c.lines[0].get_color() for c in fig.axes[0].containers} for fig in figures]
     shared = set(colours[0]) & set(colours[1])
@@ -190,9 +226,7 @@ def earlier_study(folder):
 
 
 def test_an_earlier_study_is_kept_without_overwrite(tmp_path, monkeypatch, capsys):
-    import mvsdi.testbed.study
-
-    monkeypatch.setattr(mvsdi.testbed.study, "run_study", fake_study)
+    monkeypatch.setattr(testbed_cli, "run_study", fake_study)
     out = tmp_path / "study"
     before = earlier_study(out)
     assert main(["testbed", "--out", str(out)]) == 2
@@ -203,9 +237,7 @@ def test_an_earlier_study_is_kept_without_overwrite(tmp_path, monkeypatch, capsy
 
 
 def test_overwrite_replaces_the_study_whole(tmp_path, monkeypatch, capsys):
-    import mvsdi.testbed.study
-
-    monkeypatch.setattr(mvsdi.testbed.study, "run_study", fake_study)
+    monkeypatch.setattr(testbed_cli, "run_study", fake_study)
     out = tmp_path / "study"
     earlier_study(out)
     assert main(["testbed", "--out", str(out), "--overwrite"]) == 0
@@ -216,10 +248,16 @@ def test_overwrite_replaces_the_study_whole(tmp_path, monkeypatch, capsys):
     assert main(["testbed", "--out", str(out), "--overwrite"]) == 0  # rerunnable, as `make demo` must be
 
 
-def test_overwrite_refuses_a_folder_that_is_not_a_study(tmp_path, monkeypatch, capsys):
-    import mvsdi.testbed.study
+def test_no_progress_silences_the_study_but_not_its_log(tmp_path, monkeypatch, capsys):
+    asked = []
+    monkeypatch.setattr(testbed_cli, "run_study", lambda *a, progress=True, **k: asked.append(progress)
+                        or fake_study(*a, **k))
+    assert main(["testbed", "--out", str(tmp_path / "study"), "--no-progress"]) == 0
+    assert asked == [False] and json.loads((tmp_path / "study" / "log.jsonl").read_text())["message"] == "fake"
 
-    monkeypatch.setattr(mvsdi.testbed.study, "run_study", fake_study)
+
+def test_overwrite_refuses_a_folder_that_is_not_a_study(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(testbed_cli, "run_study", fake_study)
     out = tmp_path / "runs"
     earlier_study(out)
     (out / "notes.txt").write_text("mine")
@@ -230,8 +268,6 @@ def test_overwrite_refuses_a_folder_that_is_not_a_study(tmp_path, monkeypatch, c
 
 
 def test_an_interrupted_or_failed_study_leaves_the_earlier_one(tmp_path, monkeypatch, capsys):
-    import mvsdi.testbed.study
-
     out = tmp_path / "study"
     before = earlier_study(out)
     for error, code in ((KeyboardInterrupt, 130), (ValueError("image_size must be"), 2)):
@@ -239,7 +275,7 @@ def test_an_interrupted_or_failed_study_leaves_the_earlier_one(tmp_path, monkeyp
             (folder / "table.md").write_text("half")
             raise error
 
-        monkeypatch.setattr(mvsdi.testbed.study, "run_study", broken)
+        monkeypatch.setattr(testbed_cli, "run_study", broken)
         assert main(["testbed", "--out", str(out), "--overwrite"]) == code
         assert {p.name: p.read_text() for p in out.iterdir()} == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
@@ -250,7 +286,8 @@ def test_a_short_sds_run_beats_the_initial_blob_in_its_views():  # 3D IoU: the n
     import torch
 
     from mvsdi.testbed.prior import IdealDenoiserPrior
-    from mvsdi.testbed.study import SMALL, cell_config, initial_metrics, run_cell
+    from mvsdi.testbed.cells import initial_metrics, run_cell
+    from mvsdi.testbed.settings import SMALL, cell_config
 
     cpu = torch.device("cpu")
     prior = IdealDenoiserPrior(n_references=SMALL.references, image_size=SMALL.image_size, device=cpu)
@@ -285,7 +322,8 @@ def test_quality_does_not_fall_from_a_shorter_to_a_longer_run():
 
     import torch
 
-    from mvsdi.testbed.study import SMALL, cell_config, run_cell
+    from mvsdi.testbed.cells import run_cell
+    from mvsdi.testbed.settings import SMALL, cell_config
 
     if not SHORT_SDS_RUN:
         pytest.skip("needs test_a_short_sds_run_beats_the_initial_blob_in_its_views to have run first")
@@ -305,7 +343,7 @@ def test_the_results_do_not_depend_on_the_number_of_workers(tmp_path):
     CW-MV-SDI runs as a study method (its consensus weighting reaches the cell's config)."""
     import dataclasses
 
-    from mvsdi.testbed.study import cell_config
+    from mvsdi.testbed.settings import cell_config
 
     settings = dataclasses.replace(TINY, methods=("K1", "CW-K2"), budgets=(4, 8), variance_repeats=0)
     assert cell_config(settings, "sds", METHODS[-1], "mug", 0).aggregation.kind == "consensus"

@@ -24,19 +24,24 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from mvsdi.knobs import knob
+
 AGGREGATIONS = ("mean", "consensus")
 ViewLoss = Callable[[], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    kind: Literal["mean", "consensus"] = "mean"
+    kind: Literal["mean", "consensus"] = knob("mean", "how the K per-view gradients become one: mean (MV-SDI) or "
+                                                      "consensus (CW-MV-SDI: weights by agreement; keeps K gradient "
+                                                      "copies)", flags=("--aggregation",))
     # CW-MV-SDI, with the reference's values
-    tau_init: float = -6.0  # softplus(-6) ≈ 0.0025: the weights start uniform (plain MV-SDI)
-    tau_lr: float = 0.01  # τ's own Adam group
-    lambda_consensus: float = 1.0
-    lambda_entropy: float = 1.0
-    fixed_sharpness: float | None = None  # a fixed s instead of a trained τ (the reference's ablation)
+    tau_init: float = knob(-6.0, "consensus: initial τ; softplus(-6) ≈ 0.0025, so the weights start uniform")
+    tau_lr: float = knob(0.01, "consensus: learning rate of τ's own Adam group")
+    lambda_consensus: float = knob(1.0, "consensus: weight of the agreement term of τ's loss")
+    lambda_entropy: float = knob(1.0, "consensus: weight of the entropy term of τ's loss")
+    fixed_sharpness: float | None = knob(None, "consensus: a fixed sharpness s instead of a trained τ (the "
+                                               "reference's ablation); none: trained")
 
     def __post_init__(self) -> None:
         if self.kind not in AGGREGATIONS:
@@ -58,9 +63,9 @@ def agreement(gradients: Sequence[Sequence[torch.Tensor | None]]) -> torch.Tenso
     Computed parameter by parameter (no concatenation of the K flattened gradients), in float64 so
     that the cosine of two 16.7M-entry vectors does not depend on the order of float32 sums.
     """
-    k_views, n_params = len(gradients), len(gradients[0])
-    dots = torch.zeros(k_views, dtype=torch.float64)
-    norms = torch.zeros(k_views, dtype=torch.float64)
+    views, n_params = len(gradients), len(gradients[0])
+    dots = torch.zeros(views, dtype=torch.float64)
+    norms = torch.zeros(views, dtype=torch.float64)
     total_norm = torch.zeros((), dtype=torch.float64)
     for i in range(n_params):
         present = [(k, g[i]) for k, g in enumerate(gradients) if g[i] is not None]

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from mvsdi.knobs import knob
+
 Range = tuple[float, float]
 
 
@@ -24,18 +26,19 @@ Range = tuple[float, float]
 class CameraRanges:
     """Where training cameras and point lights are drawn from (SDI configuration)."""
 
-    distance: Range = (1.5, 2.0)
-    fovy_deg: Range = (40.0, 70.0)
-    elevation_deg: Range = (-10.0, 45.0)
-    azimuth_deg: Range = (-180.0, 180.0)
-    light_distance: Range = (0.8, 1.5)
-    light_perturb: float = 1.0
+    distance: Range = knob((1.5, 2.0), "camera distance from the origin (LO HI)")
+    fovy_deg: Range = knob((40.0, 70.0), "vertical field of view in degrees (LO HI)")
+    elevation_deg: Range = knob((-10.0, 45.0), "training camera elevations in degrees (LO HI)",
+                                flags=("--elevation-range",), metavar=("LO", "HI"))
+    azimuth_deg: Range = knob((-180.0, 180.0), "training camera azimuths in degrees (LO HI)")
+    light_distance: Range = knob((0.8, 1.5), "point light distance (LO HI)")
+    light_perturb: float = knob(1.0, "point light position jitter")
     # threestudio's random-camera jitter, with its default values (the MV-SDI configs keep them):
-    camera_perturb: float = 0.1  # each view's position moves by U[-p, p]^3
-    center_perturb: float = 0.2  # each view looks at N(0, p²I) instead of the origin
-    up_perturb: float = 0.02  # each view's up vector is +z + N(0, p²I)
-    # per step, one coin: elevation uniform on the sphere with this probability, else uniform in degrees
-    sphere_elevation_prob: float = 0.5
+    camera_perturb: float = knob(0.1, "each view's position moves by U[-p, p]^3")
+    center_perturb: float = knob(0.2, "each view looks at N(0, p²I) instead of the origin")
+    up_perturb: float = knob(0.02, "each view's up vector is +z + N(0, p²I)")
+    sphere_elevation_prob: float = knob(0.5, "per step, one coin: elevation uniform on the sphere with this "
+                                             "probability, else uniform in degrees")
 
     def __post_init__(self) -> None:
         for name in ("distance", "fovy_deg", "elevation_deg", "azimuth_deg", "light_distance"):
@@ -195,29 +198,29 @@ def make_cameras(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor, ranges:
 Angles = tuple[torch.Tensor, torch.Tensor]
 
 
-def angles_random(k: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
+def angles_random(views: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
     """K i.i.d. views."""
-    elevation = _elevations(k, ranges, g)
-    return _uniform(k, ranges.azimuth_deg, g), elevation
+    elevation = _elevations(views, ranges, g)
+    return _uniform(views, ranges.azimuth_deg, g), elevation
 
 
-def angles_stratified(k: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
+def angles_stratified(views: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
     """Jittered strata: azimuth_k = lo + (hi − lo)(u_k + k)/K with its own u_k per view (the
     reference's "K=2 uniform" row). At K=2 the two views are NOT antipodal: each lies anywhere in
     its half of the circle."""
-    elevation = _elevations(k, ranges, g)
+    elevation = _elevations(views, ranges, g)
     lo, hi = ranges.azimuth_deg
-    return lo + (hi - lo) * (torch.rand(k, generator=g) + torch.arange(k)) / k, elevation
+    return lo + (hi - lo) * (torch.rand(views, generator=g) + torch.arange(views)) / views, elevation
 
 
-def angles_antipodal(k: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
+def angles_antipodal(views: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
     """Views i and i + K/2 form a pair (φ_i, ε_i), (φ_i + 180°, ε_i); the K/2 pairs are independent.
     Odd K: the last view has its own azimuth and the first pair's elevation (as the reference)."""
-    half = k // 2
-    elevation = _elevations(k, ranges, g)[:half]
+    half = views // 2
+    elevation = _elevations(views, ranges, g)[:half]
     base = _uniform(half, ranges.azimuth_deg, g)
     azimuth, elevation = torch.cat([base, base + 180.0]), elevation.repeat(2)
-    if k % 2:
+    if views % 2:
         azimuth = torch.cat([azimuth, _uniform(1, ranges.azimuth_deg, g)])
         elevation = torch.cat([elevation, elevation[:1]])
     return azimuth, elevation
@@ -238,20 +241,20 @@ def random_axis_elevations(ranges: CameraRanges) -> Range:
     return a, b
 
 
-def angles_random_axis(k: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
+def angles_random_axis(views: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
     """Pairs reflected through the origin: (φ, ε) and (φ + 180°, −ε), views i and i + K/2.
     Odd K: one extra i.i.d. view."""
-    half = k // 2
+    half = views // 2
     base = _uniform(half, ranges.azimuth_deg, g)
     axis = _uniform(half, random_axis_elevations(ranges), g)
     azimuth, elevation = torch.cat([base, base + 180.0]), torch.cat([axis, -axis])
-    if k % 2:
+    if views % 2:
         azimuth = torch.cat([azimuth, _uniform(1, ranges.azimuth_deg, g)])
         elevation = torch.cat([elevation, _uniform(1, ranges.elevation_deg, g)])
     return azimuth, elevation
 
 
-def angles_mixed(k: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
+def angles_mixed(views: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
     """K=4: an azimuth pair (φa, ε), (φa + 180°, ε), then an elevation pair (φb, ε_max), (φb, ε_min)
     with φb independent of φa; ε uniform in degrees, as the reference."""
     lo, hi = ranges.elevation_deg
@@ -262,7 +265,7 @@ def angles_mixed(k: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
             torch.cat([eps, eps, torch.tensor([hi, lo])]))
 
 
-def angles_octahedral(k: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
+def angles_octahedral(views: int, ranges: CameraRanges, g: torch.Generator) -> Angles:
     """K=6: φ, φ+90°, φ+180°, φ+270° on the horizon, then the top and bottom of the elevation range,
     each at its own random azimuth. "Top" and "bottom" are the range's extremes: a camera straight
     above has no defined azimuth, and the SDI range stops at 45°. The ring sits at 0° (clamped into
@@ -283,30 +286,30 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "random": Sampler(angles_random, lambda k: k >= 1, "any K >= 1"),
-    "antipodal": Sampler(angles_antipodal, lambda k: k >= 2, "K >= 2 (an odd K adds one unpaired view)"),
-    "stratified": Sampler(angles_stratified, lambda k: k >= 1, "any K >= 1"),
-    "mixed": Sampler(angles_mixed, lambda k: k == 4, "K = 4"),
-    "octahedral": Sampler(angles_octahedral, lambda k: k == 6, "K = 6"),
-    "random_axis": Sampler(angles_random_axis, lambda k: k >= 2, "K >= 2 (an odd K adds one unpaired view)"),
+    "random": Sampler(angles_random, lambda views: views >= 1, "any K >= 1"),
+    "antipodal": Sampler(angles_antipodal, lambda views: views >= 2, "K >= 2 (an odd K adds one unpaired view)"),
+    "stratified": Sampler(angles_stratified, lambda views: views >= 1, "any K >= 1"),
+    "mixed": Sampler(angles_mixed, lambda views: views == 4, "K = 4"),
+    "octahedral": Sampler(angles_octahedral, lambda views: views == 6, "K = 6"),
+    "random_axis": Sampler(angles_random_axis, lambda views: views >= 2, "K >= 2 (an odd K adds one unpaired view)"),
 }
 
 
-def check_sampler(name: str, k: int) -> Sampler:
+def check_sampler(name: str, views: int) -> Sampler:
     """The sampler called ``name``, or a ValueError that says which K it accepts."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown view sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"the number of views per step must be an integer >= 1, got {k!r}")
+    if not isinstance(views, int) or views < 1:
+        raise ValueError(f"the number of views per step must be an integer >= 1, got {views!r}")
     sampler = SAMPLERS[name]
-    if not sampler.valid(k):
-        raise ValueError(f"view sampler {name!r} cannot make K={k} views: it needs {sampler.rule}")
+    if not sampler.valid(views):
+        raise ValueError(f"view sampler {name!r} cannot make K={views} views: it needs {sampler.rule}")
     return sampler
 
 
-def sample_views(name: str, k: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges()) -> Cameras:
+def sample_views(name: str, views: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges()) -> Cameras:
     """K training cameras from the sampler ``name``; a pure function of the generator's state."""
-    azimuth, elevation = check_sampler(name, k).angles(k, ranges, generator)
+    azimuth, elevation = check_sampler(name, views).angles(views, ranges, generator)
     return make_cameras(azimuth, elevation, ranges, generator)
 
 

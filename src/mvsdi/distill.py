@@ -14,9 +14,7 @@ own pass, or all K from one batched prior pass).
 
 from __future__ import annotations
 
-import copy
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 
 from mvsdi.aggregation import ConsensusWeighting, mean_gradient
-from mvsdi.cameras import Cameras, evaluation_cameras, sample_views
+from mvsdi.cameras import Cameras, sample_views
 from mvsdi.config import RunConfig
 from mvsdi.field import Background, Field
 from mvsdi.guidance import guidance_loss, guidance_target, timestep
@@ -34,56 +32,15 @@ from mvsdi.priors.base import DiffusionPrior
 from mvsdi.priors.prompts import PromptConditioning
 from mvsdi.regularisers import convexity, opacity_entropy, sparsity, total_variation
 from mvsdi.render import RenderOutput, render
+from mvsdi.run_state import Counters, roll_back, snapshot
 from mvsdi.schedules import fraction_spent
+from mvsdi.step_record import StepRecord
 
 
 def seeded_generator(device: torch.device | str, *key: int) -> torch.Generator:
     """A generator whose stream depends only on ``key`` (e.g. seed, step, view)."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(seed)
-
-
-@dataclass
-class Counters:
-    # spent, including the evaluations of steps that a rollback later discarded (honest accounting)
-    guidance_evaluations: int = 0
-    steps: int = 0  # optimiser steps of the current trajectory (a rollback winds it back)
-    skipped_steps: int = 0  # steps not applied because their loss or gradient was not finite
-    consecutive_skips: int = 0
-    rollbacks: int = 0  # returns to the last good checkpoint after too many consecutive skips
-
-
-def _cpu_copy(obj: Any) -> Any:
-    """A deep copy of a (nested) state dict with every tensor cloned to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global generators. The loop itself draws from generators keyed by (seed, step, view), so
-    these only matter to code outside it; they are saved so a resumed process continues as one."""
-    numpy_state = np.random.get_state(legacy=False)
-    # as tensors and plain values, so the checkpoint loads with torch.load(weights_only=True)
-    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy_state = copy.deepcopy(state["numpy"])
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state(numpy_state)
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -401,8 +358,8 @@ class Distiller:
             return (c.seed, step)
         return (c.seed, step, ROLLBACK_STREAM, self.counters.rollbacks)
 
-    def step(self) -> dict[str, Any]:
-        """One optimiser step over K views; returns the step's log record.
+    def step(self) -> StepRecord:
+        """One optimiser step over the step's views; returns the step's record.
 
         A step whose loss or gradient is not finite is not applied (Adam's moments would carry
         the NaN forever); its evaluations still count against the budget and it is logged.
@@ -414,7 +371,7 @@ class Distiller:
         self._render_tally = [0.0, 0.0]
         batched, started = self.batches_views(), self._synchronised_clock()
         result = self.accumulate_gradients(fraction, self.step_key(step))
-        if self.config.views > 1 and self.config.view_batching == "auto" and self._measures_batching():
+        if c.views > 1 and c.view_batching == "auto" and self._measures_batching():
             self.auto_batching.record(batched, self._synchronised_clock() - started)
         loss = sum(result["terms"].values())
         grad_norm = self.model.gradient_norm()
@@ -428,69 +385,26 @@ class Distiller:
             self.optimizer.step()
         self.counters.steps += 1
         self.counters.guidance_evaluations += c.views
-        return {
-            "step": step, "fraction": fraction, "t": result["t"], "loss": loss,
-            **{f"loss_{k}": v for k, v in result["terms"].items()},
-            "guidance_evaluations": self.counters.guidance_evaluations,
-            "unet_calls": self.prior.counters.calls, "unet_calls_step": self.prior.counters.calls - calls_before,
-            "unet_images": self.prior.counters.images,
-            "lr": self.optimizer.param_groups[0]["lr"], "levels": self.model.field.active_levels,
-            "shading": result["shading"], "grad_norm": grad_norm, "skipped": skipped, "batched_views": batched,
-            # field evaluations per ray of the step's renders with a graph (mean over the K views)
-            "samples_per_ray_evaluated": self._render_tally[0] / max(self._render_tally[1], 1.0),
-            **result["aggregation"],  # CW-MV-SDI: the views' weights, agreements and the sharpness
-        }
+        return StepRecord(
+            step=step, fraction=fraction, t=result["t"], loss=loss, loss_terms=result["terms"],
+            guidance_evaluations=self.counters.guidance_evaluations, unet_calls=self.prior.counters.calls,
+            unet_calls_step=self.prior.counters.calls - calls_before, unet_images=self.prior.counters.images,
+            lr=self.optimizer.param_groups[0]["lr"], levels=self.model.field.active_levels,
+            shading=result["shading"], grad_norm=grad_norm, skipped=skipped, batched_views=batched,
+            samples_per_ray_evaluated=self._render_tally[0] / max(self._render_tally[1], 1.0),
+            aggregation=result["aggregation"])
 
-    @torch.no_grad()
-    def evaluation_renders(self, n: int | None = None, resolution: int | None = None) -> list[RenderOutput]:
-        """The evaluation views (evenly spaced azimuths, elevation 15°, distance 2, fovy 70°), albedo.
+    def state_dict(self) -> dict[str, Any]:
+        """The trainable state: weights, Adam's moments, the occupancy grid, CW-MV-SDI's τ (live
+        tensors: ``run_state.snapshot`` copies them with the counters and generators)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "occupancy": self.occupancy.state_dict() if self.occupancy is not None else None,
+                "consensus": self.consensus.state_dict() if self.consensus is not None else None}
 
-        They skip empty space with the training grid; before the first step they use a grid built
-        from the field for them alone, so rendering changes no state of the run.
-        """
-        c = self.config
-        cams = evaluation_cameras(n or c.eval_views)
-        res = resolution or c.eval_resolution
-        grid = self.current_grid()
-        return [render(self.model.field, self.model.background, cams[i].to(self.device), res, res,
-                       n_samples=c.samples_per_ray, shading="albedo", need_normals=True, **self.render_settings(grid))
-                for i in range(len(cams))]
-
-    def snapshot(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly: a CPU copy, safe to keep while training goes on."""
-        import mvsdi
-
-        return _cpu_copy({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "counters": vars(self.counters).copy(),
-            "prior_counters": {"calls": self.prior.counters.calls, "images": self.prior.counters.images},
-            "rng": rng_state(), "config": self.config.to_dict(), "mvsdi_version": mvsdi.__version__,
-            "occupancy": self.occupancy.state_dict() if self.occupancy is not None else None,
-            "consensus": self.consensus.state_dict() if self.consensus is not None else None,
-        })
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue from ``snapshot()``'s state (same config): weights, Adam moments, counters, generators."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.counters = Counters(**state["counters"])
-        self.prior.counters.calls = state["prior_counters"]["calls"]
-        self.prior.counters.images = state["prior_counters"]["images"]
-        set_rng_state(state["rng"])
         self._load_grid(state.get("occupancy"))
-        self._load_consensus(state)
-
-    def roll_back(self, good: dict[str, Any], count: bool = True) -> None:
-        """Return the field and Adam to the state ``good``; spent evaluations and skip counts are kept."""
-        spent = self.counters
-        self.model.load_state_dict(good["model"])
-        self.optimizer.load_state_dict(good["optimizer"])
-        self.counters = Counters(guidance_evaluations=spent.guidance_evaluations, steps=good["counters"]["steps"],
-                                 skipped_steps=spent.skipped_steps, rollbacks=spent.rollbacks + int(count))
-        self._load_grid(good.get("occupancy"))
-        self._load_consensus(good)
-
-    def _load_consensus(self, state: dict[str, Any]) -> None:
         if self.consensus is not None:
             self.consensus.load_state_dict(state["consensus"])
 
@@ -503,47 +417,65 @@ OCCUPANCY_STREAM = 2**31 + 1
 
 @dataclass
 class TrainResult:
-    status: str  # "completed", "interrupted" (a stop was requested) or "diverged" (rollbacks exhausted)
+    # "completed" (the plan's last step is done), "paused" (``until_step`` reached before it),
+    # "interrupted" (a stop was requested) or "diverged" (rollbacks exhausted)
+    status: str
     wall_seconds: float
     events: list[dict[str, Any]] = field(default_factory=list)  # rollbacks, with the step they returned to
 
 
-def train(distiller: Distiller, on_step: Callable[[dict[str, Any]], None] | None = None,
+def train(distiller: Distiller, on_step: Callable[[StepRecord], None] | None = None,
           on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-          stop_requested: Callable[[], bool] = lambda: False) -> TrainResult:
-    """Run the remaining steps of the budget.
+          stop_requested: Callable[[], bool] = lambda: False, until_step: int | None = None) -> TrainResult:
+    """Run steps until ``distiller.counters.steps`` reaches ``until_step`` (default: ``config.steps``,
+    the end of the budget's plan). Called again, it continues from where it stopped: a caller can
+    stop at fractions of the budget, measure, and go on, and the steps are those of one call
+    (unless a rollback happens: each call begins with its start state as its checkpoint).
 
-    A checkpoint is taken every ``checkpoint_every`` steps, at the end, and when a stop is requested
-    (checked between steps). After ``max_consecutive_skips`` non-finite steps in a row the run rolls
-    back to the last checkpoint; once ``max_rollbacks`` are spent it stops as diverged, with the model
-    left at that last good state.
+    A checkpoint is taken every ``checkpoint_every`` steps, at the plan's end, and when a stop is
+    requested (checked between steps). After ``max_consecutive_skips`` non-finite steps in a row
+    the run rolls back to the last checkpoint of this call (or to the state the call began with);
+    once ``max_rollbacks`` are spent it stops as diverged, with the model left at that last good
+    state.
+
+    What the budget means under rollbacks: a rollback returns ``counters.steps`` to the
+    checkpoint's step, and the steps after it run again on fresh random streams; the evaluations
+    of the discarded steps stay spent. The plan (``config.steps`` steps; schedules at
+    ``fraction_spent`` of the step) is unchanged, so a run with rollbacks spends more than
+    ``config.budget``: ``counters.guidance_evaluations`` counts every evaluation made. It is
+    reported in each step record (log.jsonl's ``guidance_evaluations``) and in summary.json
+    (``guidance_evaluations`` beside ``budget``, ``rollbacks`` and ``events``).
     """
     c = distiller.config
+    last_step = c.steps if until_step is None else until_step
+    if not 0 <= last_step <= c.steps:
+        raise ValueError(f"until_step={until_step}: a run of budget {c.budget} at {c.views} views per step has "
+                         f"steps 0 to {c.steps}; pass one of those, or None for the end of the run")
     start = time.perf_counter()
-    last_good = distiller.snapshot()
-    result = TrainResult("completed", 0.0)
-    while distiller.counters.steps < c.steps:
+    last_good = snapshot(distiller)
+    result = TrainResult("completed" if last_step == c.steps else "paused", 0.0)
+    while distiller.counters.steps < last_step:
         if stop_requested():
             result.status = "interrupted"
             break
         record = distiller.step()
-        record["wall_s"] = time.perf_counter() - start
+        record.wall_s = time.perf_counter() - start
         if on_step:
             on_step(record)
         if distiller.counters.consecutive_skips >= c.max_consecutive_skips:
             if distiller.counters.rollbacks >= c.max_rollbacks:
-                distiller.roll_back(last_good, count=False)  # outputs of the last good state
+                roll_back(distiller, last_good, count=False)  # outputs of the last good state
                 result.status = "diverged"
                 break
-            distiller.roll_back(last_good)
-            result.events.append({"event": "rollback", "at_step": record["step"], "to_step": distiller.counters.steps})
+            roll_back(distiller, last_good)
+            result.events.append({"event": "rollback", "at_step": record.step, "to_step": distiller.counters.steps})
             continue
         done = distiller.counters.steps
         if done % c.checkpoint_every == 0 or done == c.steps:
-            last_good = distiller.snapshot()
+            last_good = snapshot(distiller)
             if on_checkpoint:
                 on_checkpoint(last_good)
     if result.status == "interrupted" and on_checkpoint:
-        on_checkpoint(distiller.snapshot())
+        on_checkpoint(snapshot(distiller))
     result.wall_seconds = time.perf_counter() - start
     return result

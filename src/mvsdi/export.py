@@ -1,4 +1,5 @@
-"""``mvsdi export RUN``: a trained field as a mesh (glb, obj, ply) or a turntable video (mp4, gif).
+"""A trained field as a mesh (glb, obj, ply) or a turntable video (mp4, gif); ``mvsdi export`` is
+``mvsdi.export_cli``.
 
 Meshes: the density is sampled on a grid over the field's cube, marching cubes extracts the level
 set at the *surface density* (see ``surface_density``), the albedo at the vertices gives the vertex
@@ -7,31 +8,32 @@ fine one), and the error names a threshold that would mesh it. Files are written
 object's front towards +z (the glTF convention, and the default of most importers); the field's
 own world is z-up with the front towards +x.
 
-Turntables: RGB | normals | depth side by side, on the evaluation orbit.
-
-``add_parser(subparsers)`` adds the subcommand; ``run(args)`` executes it and returns the exit code
-(0 done, 2 a bad input, with the reason on stderr). Every file is written atomically.
+Turntables: RGB | normals | depth side by side, on the evaluation orbit. Every file is written
+atomically.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
+import trimesh
+from skimage.measure import marching_cubes
 from torch import nn
+
+from mvsdi.atomic_files import atomic_write_bytes
+from mvsdi.cameras import evaluation_cameras
+from mvsdi.images import to_uint8
+from mvsdi.render import render
 
 MESH_FORMATS = ("glb", "obj", "ply")
 VIDEO_FORMATS = ("mp4", "gif")
-FORMATS = MESH_FORMATS + VIDEO_FORMATS
-DEFAULT_MESH_RESOLUTION = 256
-DEFAULT_VIDEO_RESOLUTION = 256
 DEFAULT_FRAMES = 60
 DEFAULT_FPS = 25
 DEFAULT_MIN_COMPONENT = 0.01
@@ -101,8 +103,6 @@ def extract_surface(density: np.ndarray, threshold: float, bound: float) -> tupl
     area +9 % raw, -0.6 % in log). The grid is padded with one layer of "empty" (the field is zero
     outside its cube), so a surface touching the cube's border still closes: the mesh is watertight.
     """
-    from skimage.measure import marching_cubes
-
     require_surface(density, threshold)
     floor = threshold * 1e-6  # far below the level, so it never moves a vertex; keeps log(0) finite
     log_density = np.pad(np.log(np.maximum(density, floor)), 1, mode="constant", constant_values=math.log(floor))
@@ -132,12 +132,10 @@ def require_surface(density: np.ndarray, threshold: float) -> None:
                          "(half the densest point).")
 
 
-def drop_small_components(mesh, min_fraction: float):
+def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
     """Keep the connected components with at least ``min_fraction`` of the faces (drops floaters)."""
     if min_fraction <= 0:
         return mesh
-    import trimesh
-
     parts = mesh.split(only_watertight=False)
     if len(parts) <= 1:
         return mesh
@@ -151,10 +149,8 @@ def z_up_to_y_up(points: np.ndarray) -> np.ndarray:
 
 
 def field_mesh(field: nn.Module, resolution: int, threshold: float, device: torch.device | str = "cpu",
-               min_component: float = DEFAULT_MIN_COMPONENT):
+               min_component: float = DEFAULT_MIN_COMPONENT) -> trimesh.Trimesh:
     """The field's surface as a ``trimesh.Trimesh`` (y-up, vertex colours from the albedo)."""
-    import trimesh
-
     bound = float(field.cfg.bound)
     if resolution > COARSE_RESOLUTION:
         # seconds instead of minutes for the common failure. A coarse grid could in principle miss a
@@ -200,8 +196,6 @@ def depth_images(depths: list[torch.Tensor], opacities: list[torch.Tensor]) -> l
 @torch.no_grad()
 def turntable_panels(outs: list) -> list[np.ndarray]:
     """uint8 frames RGB | normals | depth of renders (``RenderOutput`` of one view each), depth on one scale."""
-    from mvsdi.rundir import to_uint8
-
     depths = depth_images([o.depth[0].cpu() for o in outs], [o.opacity[0].cpu() for o in outs])
     return [np.concatenate([to_uint8(o.rgb[0]), to_uint8(normal_image(o.normal[0], o.opacity[0])), to_uint8(depth)],
                            axis=1) for o, depth in zip(outs, depths)]
@@ -214,9 +208,6 @@ def turntable_frames(model, config, frames: int, resolution: int,
     ``model`` has ``.field`` and ``.background`` (``mvsdi.distill.Model``); ``config`` is the run's
     ``RunConfig`` (its samples per ray are used, so the video shows what the renders showed).
     """
-    from mvsdi.cameras import evaluation_cameras
-    from mvsdi.render import render
-
     check_positive("frames", frames)
     check_positive("resolution", resolution)
     cameras = evaluation_cameras(frames)
@@ -245,8 +236,6 @@ class ImageMaps:
 
 def video_bytes(frames: list[np.ndarray], fmt: str, fps: int = DEFAULT_FPS) -> bytes:
     """An mp4 (H.264 through imageio-ffmpeg) or a looping gif of the frames."""
-    import imageio.v3 as iio
-
     if fmt not in VIDEO_FORMATS:
         raise ValueError(f"unknown video format {fmt!r}; choose one of: {', '.join(VIDEO_FORMATS)}")
     stack = np.stack(frames)
@@ -259,112 +248,11 @@ def video_bytes(frames: list[np.ndarray], fmt: str, fps: int = DEFAULT_FPS) -> b
 
 def write_video(frames: list[np.ndarray], path: str | Path, fps: int = DEFAULT_FPS) -> Path:
     """Write frames atomically as the video format named by ``path``'s suffix (.mp4 or .gif)."""
-    from mvsdi.rundir import atomic_write_bytes
-
     path = Path(path)
     atomic_write_bytes(path, video_bytes(frames, path.suffix.lstrip(".").lower(), fps))
     return path
 
 
-# ------------------------------------------------------------------------------------------------
-# the command
-
-
 def check_positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"--{name} must be >= 1, got {value}")
-
-
-def parse_threshold(text: str) -> float | None:
-    """``auto`` → None (the run's ``surface_density``); otherwise a positive number."""
-    if text == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"--threshold {text!r}: write 'auto' or a positive density such as 5") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"--threshold {text!r}: the density must be a positive finite number (or 'auto')")
-    return value
-
-
-def output_format(fmt: str | None, out: Path | None) -> str:
-    """The format asked for, else the suffix of --out, else glb; a clear error for anything else."""
-    suffix = out.suffix.lstrip(".").lower() if out is not None else ""
-    chosen = (fmt or suffix or "glb").lower()
-    if chosen not in FORMATS:
-        raise ValueError(f"unknown format {chosen!r}; choose one of: {', '.join(FORMATS)} "
-                         f"(meshes: {', '.join(MESH_FORMATS)}; turntable videos: {', '.join(VIDEO_FORMATS)})")
-    if fmt and suffix and suffix != chosen:
-        raise ValueError(f"--out {out} ends in .{suffix} but --format is {chosen}; make them agree")
-    return chosen
-
-
-def default_output(run: Path, fmt: str, frames: int) -> Path:
-    return run / (f"mesh.{fmt}" if fmt in MESH_FORMATS else f"turntable_{frames}.{fmt}")
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "export", help="write a run's field as a mesh (glb/obj/ply) or a turntable video (mp4/gif)",
-        description="Export the trained field of RUN. Meshes: marching cubes at the density where one render "
-                    "sample absorbs half the light, vertex colours from the albedo, y-up. Videos: RGB | normals "
-                    "| depth side by side on the evaluation orbit.")
-    p.add_argument("run", type=Path, metavar="RUN", help="a run directory written by `mvsdi generate`")
-    p.add_argument("--format", help=f"one of: {', '.join(FORMATS)} (default: the suffix of --out, else glb)")
-    p.add_argument("--resolution", type=int, help=f"mesh: grid samples per axis (default {DEFAULT_MESH_RESOLUTION}); "
-                   f"video: pixels per side of each panel (default {DEFAULT_VIDEO_RESOLUTION})")
-    p.add_argument("--threshold", default="auto", help="mesh: surface density; 'auto' = ln 2 / the renderer's "
-                   "sample spacing for this run (default: %(default)s)")
-    p.add_argument("--min-component", type=float, default=DEFAULT_MIN_COMPONENT,
-                   help="mesh: drop connected pieces with fewer than this share of the faces; 0 keeps all "
-                        "(default: %(default)s)")
-    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
-                   help="video: number of frames, one orbit (default: %(default)s)")
-    p.add_argument("--fps", type=int, default=DEFAULT_FPS, help="video: frames per second (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--out", type=Path, help="output file (default: RUN/mesh.FORMAT or RUN/turntable_FRAMES.FORMAT)")
-    return p
-
-
-def export(args: argparse.Namespace) -> Path:
-    """Carry out one export; every bad input raises ValueError or RunDirectoryError before work starts."""
-    from mvsdi.priors.loading import resolve_device
-    from mvsdi.rundir import atomic_write_bytes, load_trained_model
-
-    fmt = output_format(args.format, args.out)
-    is_mesh = fmt in MESH_FORMATS
-    resolution = args.resolution or (DEFAULT_MESH_RESOLUTION if is_mesh else DEFAULT_VIDEO_RESOLUTION)
-    if is_mesh and resolution < 2:
-        raise ValueError(f"--resolution must be >= 2 grid samples per axis for a mesh, got {resolution}")
-    check_positive("resolution", resolution)
-    check_positive("frames", args.frames)
-    check_positive("fps", args.fps)
-    threshold = parse_threshold(args.threshold)
-    if not 0.0 <= args.min_component < 1.0:
-        raise ValueError(f"--min-component must be in [0, 1), got {args.min_component}")
-    device = resolve_device(args.device)
-    config, model = load_trained_model(args.run, device)  # first: a run without a checkpoint says so
-    out = args.out or default_output(args.run, fmt, args.frames)
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
-    if is_mesh:
-        if threshold is None:
-            threshold = surface_density(config.samples_per_ray, config.field.bound)
-        mesh = field_mesh(model.field, resolution, threshold, device, args.min_component)
-        atomic_write_bytes(out, mesh_bytes(mesh, fmt))
-    else:
-        write_video(turntable_frames(model, config, args.frames, resolution, device), out, args.fps)
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
-    from mvsdi.rundir import RunDirectoryError
-
-    try:
-        path = export(args)
-    except (ValueError, RunDirectoryError, OSError) as exc:
-        print(f"mvsdi: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0

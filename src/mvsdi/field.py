@@ -22,9 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from mvsdi.knobs import knob
+
 # Instant-NGP's spatial-hash primes (the first is 1 so that x stays coherent in memory).
 _PRIMES = (1, 2654435761, 805459861)
 NORMAL_TYPES = ("analytic", "autograd", "finite_difference")
+# Number formats of the MLP's matrix products (``FieldConfig.mlp_precision``); None: no autocast.
+MLP_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # PyTorch's softplus is the identity above this input (its default threshold), so its slope is 1.
 _SOFTPLUS_THRESHOLD = 20.0
 # Points per chunk of the explicit-normal pass when it runs outside torch.compile: bounds the
@@ -35,27 +39,31 @@ _CHUNK = 1 << 17
 
 @dataclass(frozen=True)
 class FieldConfig:
-    bound: float = 1.0  # the field lives in the cube [-bound, bound]^3; outside, density is 0
-    n_levels: int = 16
-    features_per_level: int = 2
-    log2_table_size: int = 19
-    base_resolution: int = 16
-    per_level_scale: float = 1.4473
-    hidden_dim: int = 64
-    blob_scale: float = 10.0  # Magic3D density blob: bias = blob_scale * (1 - |x| / blob_std)
-    blob_std: float = 0.5
-    # "analytic": -∇density as an explicit Jacobian in the forward pass (first-order backward only);
-    # "autograd": the same by autograd and a double backward (the reference's way, slow);
-    # "finite_difference": central differences of step normal_eps.
-    normal_type: str = "analytic"
-    normal_eps: float = 1e-2  # finite-difference step for normals (world units)
-    # Evaluate the field under torch.compile (default mode): ~20-40x faster on an H200 (docs/design.md).
-    # "autograd" normals while training stay eager: aot_autograd has no double backward.
-    compiled: bool = False
+    bound: float = knob(1.0, "the field lives in the cube [-bound, bound]^3; outside, density is 0")
+    n_levels: int = knob(16, "hash-grid levels")
+    features_per_level: int = knob(2, "hash-grid features per level")
+    log2_table_size: int = knob(19, "log2 of the hash table's entries per level")
+    base_resolution: int = knob(16, "resolution of the coarsest hash-grid level")
+    per_level_scale: float = knob(1.4473, "resolution factor between hash-grid levels")
+    hidden_dim: int = knob(64, "width of the MLP")
+    blob_scale: float = knob(10.0, "Magic3D density blob: bias = blob_scale * (1 - |x| / blob_std)")
+    blob_std: float = knob(0.5, "Magic3D density blob's std")
+    normal_type: str = knob("analytic", "analytic: -∇density as an explicit Jacobian in the forward pass (first-"
+                                        "order backward only); autograd: the same by a double backward (the "
+                                        "reference's way, slow); finite_difference: central differences")
+    normal_eps: float = knob(1e-2, "finite-difference step for normals (world units)")
+    # ~20-40x faster on an H200 (docs/design.md); "autograd" normals while training stay eager:
+    # aot_autograd has no double backward
+    compiled: bool = knob(False, "evaluate the field under torch.compile (default mode)")
+    # mixed precision: the hash table, its interpolation, the blob and the outputs stay float32
+    mlp_precision: str = knob("float32", "number format of the MLP's matrix products: float32 (the reference), "
+                                         "or bfloat16 / float16 under torch.autocast")
 
     def __post_init__(self) -> None:
         if self.normal_type not in NORMAL_TYPES:
             raise ValueError(f"normal_type must be one of {', '.join(NORMAL_TYPES)}, got {self.normal_type!r}")
+        if self.mlp_precision not in MLP_PRECISIONS:
+            raise ValueError(f"mlp_precision must be one of {', '.join(MLP_PRECISIONS)}, got {self.mlp_precision!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,13 +442,21 @@ class Field(nn.Module):
 
     def _density_albedo(self, x: Tensor, encode: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         b = self.cfg.bound
-        raw = self.mlp(encode((x / b + 1.0) * 0.5))
+        enc = encode((x / b + 1.0) * 0.5)
+        with self._mixed_precision(x):
+            raw = self.mlp(enc)
+        raw = raw.to(x.dtype)
         density = F.softplus(raw[..., 0] + self.blob_bias(x))
         inside = (x.abs() <= b).all(-1)
         return torch.where(inside, density, torch.zeros_like(density)), torch.sigmoid(raw[..., 1:])
 
     def density(self, x: Tensor) -> Tensor:
         return self(x)[0]
+
+    def _mixed_precision(self, x: Tensor) -> torch.autocast:
+        """Autocast of the MLP's products to ``cfg.mlp_precision`` (disabled for "float32")."""
+        dtype = MLP_PRECISIONS[self.cfg.mlp_precision]
+        return torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def with_normals(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(density, albedo, unit outward normals) at x [..., 3], normals as ``cfg.normal_type`` says.
@@ -479,12 +495,14 @@ class Field(nn.Module):
         b = self.cfg.bound
         enc, jac = self.encoding.encode_with_jacobian((x / b + 1.0) * 0.5, keep_geometry)  # d enc / d x01
         first, second = self.mlp[0], self.mlp[2]
-        hidden = first(enc)
-        raw = second(torch.relu(hidden))
-        z = raw[:, 0] + self.blob_bias(x)
         # d raw0 / d enc = W1^T (W2[0] * relu'(hidden)), one row per point; contracting that with the
         # encoding's Jacobian costs P*LF*3, where W1 @ jac would cost P*H*LF*3. relu'(0) = 0 as in PyTorch.
-        d_enc = (second.weight[0] * (hidden > 0)) @ first.weight  # [P, L*F]
+        with self._mixed_precision(x):
+            hidden = first(enc)
+            raw = second(torch.relu(hidden))
+            d_enc = (second.weight[0] * (hidden > 0)) @ first.weight  # [P, L*F]
+        raw, d_enc = raw.to(x.dtype), d_enc.to(x.dtype)
+        z = raw[:, 0] + self.blob_bias(x)
         d_raw = (d_enc[:, None, :] @ jac)[:, 0] * (0.5 / b)  # [P, 3]; 0.5 / b: world -> [0, 1]
         slope = torch.where(z > _SOFTPLUS_THRESHOLD, torch.ones_like(z), torch.sigmoid(z))  # softplus'
         grad = slope[:, None] * (d_raw + self.blob_bias_gradient(x))

@@ -20,17 +20,25 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import diffusers
 import torch
+import transformers
+from tqdm.auto import tqdm
 
 import mvsdi
 from mvsdi.cameras import evaluation_cameras
-from mvsdi.config import RunConfig, config_differences
+from mvsdi.config import RunConfig, config_differences, execution_settings
 from mvsdi.distill import Distiller, Model, TrainResult, train
 from mvsdi.export import ImageMaps, normal_image, turntable_panels, write_video
 from mvsdi.memory import available_bytes, check_fits, estimate_view_memory, free_memory_override
 from mvsdi.models import load_prior
 from mvsdi.priors.loading import resolve_device
-from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, atomic_write_bytes, read_checkpoint
+from mvsdi.render import RenderOutput, render
+from mvsdi.run_state import Counters, evaluations_at_end, restore
+from mvsdi.atomic_files import atomic_write_bytes
+from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, read_checkpoint
+from mvsdi.schedules import fraction_spent
+from mvsdi.step_record import StepRecord
 from mvsdi.tracking import Tracker, check_wandb_available
 
 VALIDATIONS_PER_RUN = 10  # validation renders (TensorBoard images, collapse check) per run
@@ -42,10 +50,6 @@ CONVERGENCE_POINTS = "convergence.jsonl"  # in RUN/validation: one line per vali
 EMPTY_OPACITY, SATURATED_OPACITY = 0.005, 0.98
 
 
-# config fields that say how a run executes, not what it computes: a resume may change them
-EXECUTION_SETTINGS = ("device", "fast_unet", "view_batching", "checkpoint_every")
-
-
 @dataclasses.dataclass(frozen=True)
 class Tracking:
     tensorboard: bool = True
@@ -53,9 +57,6 @@ class Tracking:
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
     return {"mvsdi": mvsdi.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
 
@@ -68,18 +69,23 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 
 class Progress:
-    """A tqdm bar counting guidance evaluations (so its rate is evaluations/s and its ETA is honest)."""
+    """A tqdm bar counting guidance evaluations spent (so its rate is evaluations/s and its ETA is honest).
 
-    def __init__(self, config: RunConfig, enabled: bool, already_spent: int = 0):
-        from tqdm.auto import tqdm
+    Its total is what the run will have spent at the plan's last step (``evaluations_at_end``):
+    the budget, grown by the evaluations of the steps each rollback has run again, so the bar
+    never runs past its total and its ETA counts the redone steps.
+    """
 
-        self.bar = tqdm(total=config.budget, initial=already_spent, unit="eval", disable=not enabled,
-                        dynamic_ncols=True)
+    def __init__(self, config: RunConfig, enabled: bool, counters: Counters | None = None):
+        self.config, counters = config, counters or Counters()  # None: a run that has not begun
+        self.bar = tqdm(total=evaluations_at_end(config, counters.steps, counters.guidance_evaluations),
+                        initial=counters.guidance_evaluations, unit="eval", disable=not enabled, dynamic_ncols=True)
 
-    def __call__(self, record: dict[str, Any]) -> None:
+    def __call__(self, record: StepRecord) -> None:
         # postfix first, so the line drawn by update shows this step's values, not the previous step's
-        self.bar.set_postfix(t=min(record["t"]), loss=f"{record['loss']:.4g}", unet=record["unet_calls"], refresh=False)
-        done = record["guidance_evaluations"]
+        self.bar.set_postfix(t=min(record.t), loss=f"{record.loss:.4g}", unet=record.unet_calls, refresh=False)
+        done = record.guidance_evaluations
+        self.bar.total = evaluations_at_end(self.config, record.step + 1, done)
         if done >= self.bar.total:
             self.bar.n = done  # no draw: close() draws the final line, and drawing it here too showed "100%" twice
         else:
@@ -151,6 +157,24 @@ def collapse_kind(opacity: torch.Tensor) -> str | None:
     return None
 
 
+@torch.no_grad()
+def evaluation_renders(distiller: Distiller, n: int | None = None, resolution: int | None = None) -> list[RenderOutput]:
+    """The run's evaluation views of the current field (evenly spaced azimuths, elevation 15°,
+    distance 2, fovy 70°), albedo; ``n`` views (default ``eval_views``) at ``resolution``
+    (default ``eval_resolution``).
+
+    They skip empty space with the training grid; before the first step they use a grid built
+    from the field for them alone, so rendering changes no state of the run.
+    """
+    c, device = distiller.config, distiller.device
+    cameras = evaluation_cameras(n or c.eval_views)
+    side = resolution or c.eval_resolution
+    settings = distiller.render_settings(distiller.current_grid())
+    model = distiller.model
+    return [render(model.field, model.background, cameras[i].to(device), side, side, n_samples=c.samples_per_ray,
+                   shading="albedo", need_normals=True, **settings) for i in range(len(cameras))]
+
+
 def view_panel(out: ImageMaps) -> torch.Tensor:
     """RGB | normals of the first view of a render, [H, 2W, 3] in [0, 1]."""
     return torch.cat([out.rgb[0], normal_image(out.normal[0], out.opacity[0])], dim=1)
@@ -183,20 +207,19 @@ class Validation:
         """
         return (step + 1) * VALIDATIONS_PER_RUN // self.steps > step * VALIDATIONS_PER_RUN // self.steps
 
-    def __call__(self, record: dict[str, Any]) -> None:
-        if not self.due(record["step"]):
+    def __call__(self, record: StepRecord) -> None:
+        if not self.due(record.step):
             return
         c = self.distiller.config  # never larger than the run's own evaluation renders
-        outs = [ImageMaps.of(o) for o in self.distiller.evaluation_renders(min(VALIDATION_VIEWS, c.eval_views),
+        outs = [ImageMaps.of(o) for o in evaluation_renders(self.distiller, min(VALIDATION_VIEWS, c.eval_views),
                                                                          min(VALIDATION_RESOLUTION, c.eval_resolution))]
         kind = collapse_kind(torch.cat([o.opacity for o in outs]))
         if kind and self.collapse is None:
-            self.collapse = {"kind": kind, "step": record["step"],
-                             "guidance_evaluations": record["guidance_evaluations"]}
+            self.collapse = {"kind": kind, "step": record.step, "guidance_evaluations": record.guidance_evaluations}
         images = {f"view{i}": view_panel(o) for i, o in enumerate(outs)}
-        self.tracker.log_images(record["guidance_evaluations"], images)
+        self.tracker.log_images(record.guidance_evaluations, images)
         if self.run is not None:
-            self.save(record["guidance_evaluations"], images)
+            self.save(record.guidance_evaluations, images)
             self.save_point(record)
 
     def name(self, evaluations: int, what: str) -> str:
@@ -207,16 +230,17 @@ class Validation:
         for name, image in images.items():
             self.run.save_image(self.name(evaluations, name), image, folder=VALIDATION)
 
-    def save_point(self, record: dict[str, Any]) -> None:
+    def save_point(self, record: StepRecord) -> None:
         """The front view, then its line in convergence.jsonl (so a line never names a missing image)."""
         resolution = min(FRONT_RESOLUTION, self.distiller.config.eval_resolution)
-        (front,) = self.distiller.evaluation_renders(1, resolution)
-        image = self.name(record["guidance_evaluations"], "front")
+        (front,) = evaluation_renders(self.distiller, 1, resolution)
+        image = self.name(record.guidance_evaluations, "front")
         self.run.save_image(image, ImageMaps.of(front).rgb[0], folder=VALIDATION)
-        point = {"step": record["step"] + 1, "fraction": (record["step"] + 1) / self.steps,
-                 "guidance_evaluations": record["guidance_evaluations"],
-                 "unet_forward_passes": record["unet_images"], "unet_images": record["unet_images"],
-                 "unet_calls": record["unet_calls"], "image": image, "resolution": resolution,
+        c = self.distiller.config
+        point = {"step": record.step + 1, "fraction": fraction_spent(record.step + 1, c.views, c.budget),
+                 "guidance_evaluations": record.guidance_evaluations,
+                 "unet_forward_passes": record.unet_images, "unet_images": record.unet_images,
+                 "unet_calls": record.unet_calls, "image": image, "resolution": resolution,
                  "camera": front_camera()}
         with open(self.run.path / VALIDATION / CONVERGENCE_POINTS, "a", encoding="utf-8") as f:
             f.write(json.dumps(point) + "\n")
@@ -258,7 +282,7 @@ def forget_points_after(folder: Path, evaluations: int) -> None:
 
 def write_evaluation(run: RunDirectory, distiller: Distiller) -> int:
     """The evaluation renders (PNG per view, RGB and normals) and a turntable of RGB | normals | depth."""
-    outs = [ImageMaps.of(o) for o in distiller.evaluation_renders()]
+    outs = [ImageMaps.of(o) for o in evaluation_renders(distiller)]
     for i, out in enumerate(outs):
         run.save_image(f"{i:03d}.png", out.rgb[0])
         run.save_image(f"normal_{i:03d}.png", normal_image(out.normal[0], out.opacity[0]))
@@ -317,17 +341,17 @@ def _execute(config: RunConfig, run: RunDirectory, progress: bool, tracking: Tra
     run.write_config(config.to_dict())
     resumed_at = None
     if start_state is not None:
-        distiller.restore(start_state)
+        restore(distiller, start_state)
         run.truncate_log(distiller.counters.steps)
         run.drop_validation_after(distiller.counters.guidance_evaluations)
         resumed_at = {"step": distiller.counters.steps, "guidance_evaluations": distiller.counters.guidance_evaluations}
     tracker = Tracker(run.path, config.to_dict(), tensorboard=tracking.tensorboard, wandb=tracking.wandb)
-    bar = Progress(config, progress, distiller.counters.guidance_evaluations)
+    bar = Progress(config, progress, distiller.counters)
     validation = Validation(distiller, tracker, run)
     checkpoint = CheckpointWriter(run, resumed_at["step"] if resumed_at else None)
 
-    def on_step(record: dict[str, Any]) -> None:
-        run.log(record)
+    def on_step(record: StepRecord) -> None:
+        run.log(record.to_log())
         tracker.log_step(record)
         bar(record)
         validation(record)
@@ -392,7 +416,7 @@ def resume(out: Path, overrides: dict[str, Any] | None = None, force: bool = Fal
         problems = config_differences(saved, config.to_dict())
         if state.get("mvsdi_version") != mvsdi.__version__:
             problems.append(f"mvsdi version: {state.get('mvsdi_version')} → {mvsdi.__version__}")
-        problems = [p for p in problems if p.split(":")[0] not in EXECUTION_SETTINGS]
+        problems = [p for p in problems if p.split(":")[0] not in execution_settings()]
         if problems and not force:
             raise RunDirectoryError(f"resuming {out} would change the run: " + "; ".join(problems)
                                     + ". Drop those options, or pass --force to continue with them.")

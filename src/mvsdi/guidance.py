@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 import torch
 
 from mvsdi.cameras import Cameras
+from mvsdi.knobs import knob
 
 
 class GuidedDenoiser(Protocol):
@@ -35,27 +36,30 @@ class GuidedDenoiser(Protocol):
 
 @dataclass(frozen=True)
 class SDSConfig:
-    guidance_scale: float = 100.0
-    t_min: float = 0.02  # t ~ U[t_min, t_max]·T
-    t_max: float = 0.98
-    weighting: Literal["sds", "uniform", "fantasia3d"] = "sds"
-    kind: Literal["sds"] = "sds"
+    guidance_scale: float = knob(100.0, "classifier-free guidance scale", flags=("--guidance-scale",))
+    t_min: float = knob(0.02, "t ~ U[t_min, t_max]·T per view: lower end")
+    t_max: float = knob(0.98, "t ~ U[t_min, t_max]·T per view: upper end")
+    weighting: Literal["sds", "uniform", "fantasia3d"] = knob("sds", "w(t) of the SDS gradient")
+    kind: Literal["sds"] = knob("sds", "sds or sdi: fixed by the preset (start from one of the other kind to switch)")
 
 
 @dataclass(frozen=True)
 class SDIConfig:
-    guidance_scale: float = 7.5
-    inversion_guidance_scale: float = -7.5
-    inversion_steps: int = 10  # size of the DDIM grid that inversion walks along
-    inversion_eta: float = 0.3
-    delta_max: int = 99  # t' = min(t + δ, T−1), δ ~ U{0..delta_max}
-    t_start: float = 0.98  # t anneals linearly from t_start·T to t_end·T over the budget
-    t_end: float = 0.25
-    # budget fraction at which the anneal reaches t_end: 1 = the whole run; the reference counts it in
-    # steps of a 10,000-step run whatever K, i.e. K (its K=2 runs end at t ≈ 615, K=4 at ≈ 797)
-    t_anneal_span: float = 1.0
-    t_anneal: bool = True  # False: t ~ U{t_end·T .. t_start·T} per view (the reference's sensitivity run)
-    kind: Literal["sdi"] = "sdi"
+    guidance_scale: float = knob(7.5, "classifier-free guidance scale", flags=("--guidance-scale",))
+    inversion_guidance_scale: float = knob(-7.5, "guidance scale of the DDIM inversion",
+                                           flags=("--inversion-guidance-scale",))
+    inversion_steps: int = knob(10, "size of the DDIM grid that inversion walks along")
+    inversion_eta: float = knob(0.3, "stochasticity (eta) of the DDIM inversion")
+    delta_max: int = knob(99, "t' = min(t + δ, T−1), δ ~ U{0..delta_max}")
+    t_start: float = knob(0.98, "t anneals linearly from t_start·T to t_end·T over the budget")
+    t_end: float = knob(0.25, "where the t anneal ends, as a fraction of T")
+    # the reference counts the anneal in steps of a 10,000-step run whatever K, i.e. a span of K
+    # (its K=2 runs end at t ≈ 615, K=4 at ≈ 797)
+    t_anneal_span: float = knob(1.0, "budget fraction at which the anneal reaches t_end (1: the whole run; "
+                                     "--schedule reference sets K, as the reference counts it)")
+    t_anneal: bool = knob(True, "anneal t; false: draw t ~ U{t_end·T .. t_start·T} per view (the reference's "
+                                "sensitivity run)", flags=("--no-t-anneal",))
+    kind: Literal["sdi"] = knob("sdi", "sds or sdi: fixed by the preset (start from one of the other kind to switch)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.t_end <= self.t_start < 1.0:

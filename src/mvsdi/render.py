@@ -42,6 +42,7 @@ from torch import Tensor
 
 from mvsdi.cameras import Cameras, rays
 from mvsdi.field import Background, Field
+from mvsdi.knobs import knob
 from mvsdi.occupancy import OccupancyGrid, density_function
 
 SHADINGS = ("albedo", "diffuse", "textureless")
@@ -61,13 +62,15 @@ class RenderConfig:
     alpha > 0.01 and the transmittance in front is above 1e-4. ``DENSE`` renders every sample.
     """
 
-    occupancy_grid: bool = True
-    grid_resolution: int = 32
-    grid_refresh_every: int = 16  # guidance evaluations between refreshes (a function of the budget spent)
-    grid_decay: float = 0.95  # per refresh
-    alpha_threshold: float = 0.01
-    transmittance_threshold: float = 1e-4
-    chunk_samples: int = 0  # points per field call; 0: by device (CHUNK_SAMPLES_BY_DEVICE)
+    occupancy_grid: bool = knob(True, "skip samples in empty cells of an occupancy grid")
+    grid_resolution: int = knob(32, "cells a side of the occupancy grid")
+    grid_refresh_every: int = knob(16, "guidance evaluations between refreshes of the grid (a function of the "
+                                       "budget spent)")
+    grid_decay: float = knob(0.95, "EMA decay of the grid's density estimates, per refresh")
+    alpha_threshold: float = knob(0.01, "samples whose alpha is at most this are skipped")
+    transmittance_threshold: float = knob(1e-4, "early ray termination: samples whose transmittance in front is "
+                                                "at most this are skipped")
+    chunk_samples: int = knob(0, "points per field call; 0: by device (CHUNK_SAMPLES_BY_DEVICE)")
 
     def __post_init__(self) -> None:
         if self.grid_resolution < 1 or self.grid_refresh_every < 1 or self.chunk_samples < 0:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
-import numpy as np
+import imageio.v3 as iio
 import torch
+
+from mvsdi.atomic_files import TEMPORARY_FILES, atomic_torch_save, atomic_write_bytes, atomic_write_json
+from mvsdi.config import RunConfig
+from mvsdi.distill import Model
+from mvsdi.images import to_uint8
 
 CONFIG = "config.json"
 LOG = "log.jsonl"
@@ -34,54 +38,6 @@ def prompt_slug(prompt: str) -> str:
 
 class RunDirectoryError(RuntimeError):
     pass
-
-
-def _temporary_beside(path: Path) -> tuple[int, Path]:
-    """A new, empty temporary file in ``path``'s folder, opened for writing: (descriptor, its path).
-
-    Created by ``os.open`` with mode 0o666 so that the umask (and a default ACL) applies as it does
-    to a plain ``open()``; ``tempfile.mkstemp`` would make every atomically written file 0600.
-    The name ``.NAME.<random>.tmp`` is what a resume sweeps up after a kill (``RunDirectory._resume``).
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:  # another writer drew the same name: draw again
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write(file)`` into a temporary file, flushed to disk, then renamed over ``path``."""
-    fd, tmp = _temporary_beside(Path(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[H, W, C] float in [0, 1] → uint8 array."""
-    return (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
 class RunDirectory:
@@ -123,7 +79,7 @@ class RunDirectory:
     def _resume(self) -> None:
         """Continue in the staging folder: the unfinished one if it has a checkpoint, else a copy of ``final``."""
         if (self.path / CHECKPOINT).is_file():
-            for stray in self.path.glob(".*.tmp"):  # temporary files of a write that a kill cut short
+            for stray in self.path.glob(TEMPORARY_FILES):  # temporary files of a write that a kill cut short
                 stray.unlink()
             return
         if not (self.final / CHECKPOINT).is_file():
@@ -181,8 +137,6 @@ class RunDirectory:
 
     def save_image(self, name: str, image: torch.Tensor, folder: str = RENDERS) -> Path:
         """A PNG in ``folder`` of the run (made on first use, e.g. ``VALIDATION``)."""
-        import imageio.v3 as iio
-
         (self.path / folder).mkdir(exist_ok=True)
         path = self.path / folder / name
         iio.imwrite(path, to_uint8(image))
@@ -273,9 +227,6 @@ def read_summary(run: str | Path) -> dict[str, Any]:
 
 def load_trained_model(run: str | Path, device: torch.device | str = "cpu"):
     """(RunConfig, Model) of a run directory, the model in eval mode with the checkpoint's weights."""
-    from mvsdi.config import RunConfig
-    from mvsdi.distill import Model
-
     checkpoint = read_checkpoint(run)
     config = RunConfig.from_dict(checkpoint["config"])
     model = Model.create(config, torch.device(device))

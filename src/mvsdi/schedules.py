@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mvsdi.knobs import knob
+
 REFERENCE_STEPS = 10_000  # the SDI configuration's run length, the unit of its step-counted schedules
 
 
@@ -19,10 +21,10 @@ REFERENCE_STEPS = 10_000  # the SDI configuration's run length, the unit of its 
 class Ramp:
     """Linear from ``start`` to ``end`` while f goes from ``f0`` to ``f1``, constant outside."""
 
-    start: float
-    end: float
-    f0: float = 0.0
-    f1: float = 0.0
+    start: float = knob(help="value until f0")
+    end: float = knob(help="value from f1 on")
+    f0: float = knob(0.0, "budget fraction where the ramp starts")
+    f1: float = knob(0.0, "budget fraction where the ramp ends")
 
     def __call__(self, fraction: float) -> float:
         if self.f1 <= self.f0:
@@ -35,12 +37,14 @@ class Ramp:
 class LossWeights:
     """Regulariser weights of the SDI configuration (its step-ramps divided by 10,000)."""
 
-    orientation: Ramp = Ramp(0.1, 0.1)
-    sparsity: Ramp = Ramp(0.15, 0.0, 0.0, 3000 / REFERENCE_STEPS)
-    opacity: Ramp = Ramp(0.1, 0.1)
-    convexity: Ramp = Ramp(1.0, 0.1, 0.0, 4000 / REFERENCE_STEPS)
-    z_variance: Ramp = Ramp(1.0, 1.0)
-    tv: Ramp = Ramp(0.0, 0.0)  # total variation of the RGB render; off in the SDI configuration
+    orientation: Ramp = knob(Ramp(0.1, 0.1), "weight of the orientation loss (normals facing the camera)")
+    sparsity: Ramp = knob(Ramp(0.15, 0.0, 0.0, 3000 / REFERENCE_STEPS), "weight of the sparsity loss")
+    opacity: Ramp = knob(Ramp(0.1, 0.1), "weight of the opacity BCE")
+    convexity: Ramp = knob(Ramp(1.0, 0.1, 0.0, 4000 / REFERENCE_STEPS), "weight of the convexity loss")
+    z_variance: Ramp = knob(Ramp(1.0, 1.0), "weight of the z-variance loss")
+    tv: Ramp = knob(Ramp(0.0, 0.0), "weight of the total variation of the RGB renders (the reference's lambda_tv; "
+                                    "off in the SDI configuration)", flags={"end": ("--tv-weight",),
+                                                                            "f1": ("--tv-warmup",)})
 
     def at(self, fraction: float) -> dict[str, float]:
         return {name: getattr(self, name)(fraction) for name in self.__dataclass_fields__}
@@ -50,9 +54,9 @@ class LossWeights:
 class LevelSchedule:
     """Progressive hash-grid unmasking: ``start`` levels, then one more every ``every`` of the budget."""
 
-    start: int = 8
-    begin: float = 2000 / REFERENCE_STEPS
-    every: float = 500 / REFERENCE_STEPS
+    start: int = knob(8, "hash-grid levels unmasked at the start")
+    begin: float = knob(2000 / REFERENCE_STEPS, "budget fraction where unmasking begins")
+    every: float = knob(500 / REFERENCE_STEPS, "budget fraction between two unmasked levels")
 
     def __call__(self, fraction: float, n_levels: int) -> int:
         extra = int(max(fraction - self.begin, 0.0) / self.every + 1e-9) if fraction >= self.begin else 0
@@ -64,9 +68,9 @@ class ShadingSchedule:
     """Albedo only during the ambient phase; afterwards shaded with probability ``shaded_prob``,
     then textureless with probability ``textureless_prob`` (else diffuse)."""
 
-    ambient_only_until: float = 1000 / REFERENCE_STEPS
-    shaded_prob: float = 0.3
-    textureless_prob: float = 0.75
+    ambient_only_until: float = knob(1000 / REFERENCE_STEPS, "budget fraction of the albedo-only phase")
+    shaded_prob: float = knob(0.3, "afterwards, probability of a shaded view")
+    textureless_prob: float = knob(0.75, "probability that a shaded view is textureless (else diffuse)")
 
     def __call__(self, fraction: float, generator: torch.Generator) -> str:
         u, v = torch.rand(2, generator=generator, device=generator.device).tolist()
@@ -77,9 +81,9 @@ class ShadingSchedule:
 
 @dataclass(frozen=True)
 class Schedules:
-    levels: LevelSchedule = LevelSchedule()
-    shading: ShadingSchedule = ShadingSchedule()
-    weights: LossWeights = LossWeights()
+    levels: LevelSchedule = knob(LevelSchedule(), "progressive hash-grid unmasking")
+    shading: ShadingSchedule = knob(ShadingSchedule(), "shading of the training views")
+    weights: LossWeights = knob(LossWeights(), "regulariser weights")
 
 
 def steps_for_budget(budget: int, views: int) -> int:

@@ -11,12 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
-from mvsdi.rundir import to_uint8
+from mvsdi.images import to_uint8
+from mvsdi.step_record import StepRecord
 
 TENSORBOARD_DIR = "tensorboard"
-# log-record fields plotted as scalars, besides the loss terms (loss_*)
-SCALARS = ("loss", "lr", "grad_norm", "guidance_evaluations", "unet_calls", "levels", "skipped",
+# step-record fields plotted as scalars, besides the loss terms (loss_<name>)
+SCALARS = ("loss", "guidance_evaluations", "unet_calls", "lr", "levels", "grad_norm", "skipped",
            "samples_per_ray_evaluated")
 
 
@@ -33,8 +35,6 @@ class Tracker:
         self.writer = None
         self.wandb_run = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(Path(run_folder) / TENSORBOARD_DIR), flush_secs=30)
         if wandb:
             check_wandb_available()
@@ -42,22 +42,23 @@ class Tracker:
 
             self.wandb_run = wandb_module.init(project="mvsdi", config=config, name=Path(run_folder).name)
 
-    def scalars(self, record: dict[str, Any]) -> dict[str, float]:
-        values = {k: float(v) for k, v in record.items() if k in SCALARS or k.startswith("loss_")}
-        ts = record.get("t")
-        if ts:
-            values["t_mean"] = float(np.mean(ts))
-            values["t_min"] = float(np.min(ts))
-        if "consensus_weights" in record:  # CW-MV-SDI, as the reference logs it
-            values["consensus_sharpness"] = float(record["consensus_sharpness"])
-            values["consensus_w_max"] = float(np.max(record["consensus_weights"]))
-            values["consensus_w_min"] = float(np.min(record["consensus_weights"]))
-            values["consensus_a_mean"] = float(np.mean(record["consensus_agreement"]))
-            values["consensus_a_min"] = float(np.min(record["consensus_agreement"]))
+    def scalars(self, record: StepRecord) -> dict[str, float]:
+        values = {name: float(getattr(record, name)) for name in SCALARS}
+        values |= {f"loss_{name}": float(value) for name, value in record.loss_terms.items()}
+        if record.t:
+            values["t_mean"] = float(np.mean(record.t))
+            values["t_min"] = float(np.min(record.t))
+        logged = record.aggregation
+        if "consensus_weights" in logged:  # CW-MV-SDI, as the reference logs it
+            values["consensus_sharpness"] = float(logged["consensus_sharpness"])
+            values["consensus_w_max"] = float(np.max(logged["consensus_weights"]))
+            values["consensus_w_min"] = float(np.min(logged["consensus_weights"]))
+            values["consensus_a_mean"] = float(np.mean(logged["consensus_agreement"]))
+            values["consensus_a_min"] = float(np.min(logged["consensus_agreement"]))
         return values
 
-    def log_step(self, record: dict[str, Any]) -> None:
-        x = int(record["guidance_evaluations"])
+    def log_step(self, record: StepRecord) -> None:
+        x = record.guidance_evaluations
         values = self.scalars(record)
         if self.writer:
             for name, value in values.items():
@@ -73,7 +74,8 @@ class Tracker:
         if self.wandb_run:
             import wandb as wandb_module
 
-            self.wandb_run.log({f"validation/{k}": wandb_module.Image(to_uint8(v)) for k, v in images.items()},
+            self.wandb_run.log({f"validation/{name}": wandb_module.Image(to_uint8(image))
+                                for name, image in images.items()},
                                step=evaluations)
 
     def close(self) -> None:

@@ -151,7 +151,7 @@ def ratio_intervals(grams: list[np.ndarray], views: list[int], resamples: int = 
         return [(float("nan"),) * 3 for _ in grams]
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
-    per_eval = [resampled_total_variance(g, counts) * k for g, k in zip(grams, views)]
+    per_eval = [resampled_total_variance(gram, counts) * setting_views for gram, setting_views in zip(grams, views)]
     out = []
     for v in per_eval:
         with np.errstate(divide="ignore", invalid="ignore"):

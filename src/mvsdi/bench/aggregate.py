@@ -27,7 +27,8 @@ from mvsdi.bench.matrix import BenchSpec, Cell, cells, redo_reason
 from mvsdi.bench.plots import metric_range, plot_bars, plot_scatter
 from mvsdi.bench.text import format_value, short_reason
 from mvsdi.config import is_ideal
-from mvsdi.rundir import SUMMARY, atomic_write_bytes, read_json
+from mvsdi.atomic_files import atomic_write_bytes
+from mvsdi.rundir import SUMMARY, read_json
 from mvsdi.statistics import mean_interval
 
 CELLS_LOG = "cells.jsonl"

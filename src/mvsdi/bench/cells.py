@@ -19,9 +19,17 @@ from typing import Any
 
 import torch
 
+from mvsdi import generate as gen
+from mvsdi.atomic_files import atomic_write_json
 from mvsdi.bench.matrix import Cell, differences_on_disk, is_done, run_status
 from mvsdi.config import is_ideal
-from mvsdi.rundir import SUMMARY, atomic_write_json
+from mvsdi.evaluate.clip_metrics import MetricLoadError
+from mvsdi.evaluate.runs import Evaluator, evaluate_run
+from mvsdi.models import load_prior
+from mvsdi.priors.loading import resolve_device
+from mvsdi.priors.stable_diffusion import PriorLoadError
+from mvsdi.rundir import SUMMARY, RunDirectoryError, load_trained_model
+from mvsdi.testbed.metrics import evaluate_field
 
 CELL_METRICS = "bench_metrics.json"  # per-cell metrics, flat, read back by the aggregation
 TESTBED_METRICS = ("psnr", "iou", "r_precision", "janus")  # evaluate_field's, against the true scene
@@ -54,8 +62,6 @@ _EVALUATORS: dict[tuple, Any] = {}  # one per worker process: CLIP models load o
 
 
 def _evaluator(settings: EvalSettings, device: torch.device):
-    from mvsdi.evaluate.runs import Evaluator
-
     key = (settings, str(device))
     if key not in _EVALUATORS:
         _EVALUATORS[key] = Evaluator(settings.metrics, settings.candidates, device=device, **dict(settings.weights))
@@ -77,8 +83,6 @@ def flatten_clip_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 
 def measure_clip(cell: Cell, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
-    from mvsdi.evaluate.runs import evaluate_run
-
     result = evaluate_run(cell.path, _evaluator(settings, device))  # also writes the detailed metrics.json
     divergence = result["divergence"]
     return {"metrics": flatten_clip_metrics(result.get("metrics", {})), "diverged": bool(divergence["diverged"]),
@@ -90,10 +94,6 @@ _PRIORS: dict[tuple[str, str], Any] = {}
 
 def measure_testbed(cell: Cell, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
     """The testbed's metrics against the true scene named by the prompt (``evaluate_field``)."""
-    from mvsdi.models import load_prior
-    from mvsdi.rundir import load_trained_model
-    from mvsdi.testbed.metrics import evaluate_field
-
     config, model = load_trained_model(cell.path, device)
     key = (config.model, str(device))
     if key not in _PRIORS:
@@ -107,8 +107,6 @@ def measure_testbed(cell: Cell, settings: EvalSettings, device: torch.device) ->
 
 def measure(cell: Cell, settings: EvalSettings) -> dict[str, Any]:
     """Measure a done cell and store the numbers in its run directory."""
-    from mvsdi.priors.loading import resolve_device
-
     device = resolve_device(cell.config.device)
     measured = (measure_testbed if is_ideal(cell.config.model) else measure_clip)(cell, settings, device)
     summary = json.loads((cell.path / SUMMARY).read_text())
@@ -134,17 +132,11 @@ def _status(path: Path) -> str | None:
 
 
 def _is_fatal(exc: BaseException) -> bool:
-    from mvsdi.evaluate.clip_metrics import MetricLoadError
-    from mvsdi.priors.stable_diffusion import PriorLoadError
-
     return isinstance(exc, (PriorLoadError, MetricLoadError))
 
 
 def _train(cell: Cell) -> tuple[str, Path]:
     """Continue an interrupted run of this very config from its checkpoint; otherwise train from the start."""
-    from mvsdi import generate as gen
-    from mvsdi.rundir import RunDirectoryError
-
     if run_status(cell) == "interrupted" and not differences_on_disk(cell):
         try:
             return "resumed", gen.resume(cell.path, progress=False)

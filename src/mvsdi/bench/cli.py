@@ -9,11 +9,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from mvsdi.arguments import parse_names, parse_seeds
+from mvsdi.arguments import add_knob_options, knob_settings, parse_names, parse_seeds
+from mvsdi.bench import executors
+from mvsdi.bench.aggregate import CELLS_LOG, aggregate
+from mvsdi.bench.cells import TESTBED_METRICS, EvalSettings, FatalBenchError, needs_measurement
+from mvsdi.bench.convergence import write_convergence  # per-preset curves (docs/benchmark.md)
+from mvsdi.bench.matrix import OVERRIDES, BenchSpec, cells, read_spec, redo_reason, write_spec
+from mvsdi.commands import run_command
+from mvsdi.config import RunConfig, is_ideal
+from mvsdi.evaluate.clip_metrics import MetricLoadError
+from mvsdi.evaluate.run_folder import benchmark_prompts, candidate_prompts, read_prompt_file
+from mvsdi.evaluate.runs import DEFAULT_METRICS, Evaluator, parse_metrics
+from mvsdi.overrides import parse_fields
+from mvsdi.priors.loading import resolve_device
+from mvsdi.priors.stable_diffusion import PriorLoadError
+from mvsdi.testbed.scenes import SCENES
 
 DEFAULT_PRESETS = "sdi,mvsdi-k2,mvsdi-k4"
 # flag → (the Evaluator field it sets, metavar); unset flags keep the Evaluator's defaults
@@ -53,15 +66,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "protocol: means over the prompts valid for every preset, in OUT/reference); the cells are "
                         "measured with ours, so first run `mvsdi eval --protocol reference` on them "
                         "(docs/evaluation.md)")
-    common = p.add_argument_group("overrides applied to every cell (default: the preset's)")
-    common.add_argument("--budget", type=int, help="guidance evaluations per run (a multiple of every preset's K)")
-    common.add_argument("--resolution", type=int)
-    common.add_argument("--samples-per-ray", type=int)
-    common.add_argument("--eval-views", type=int)
-    common.add_argument("--eval-resolution", type=int)
-    common.add_argument("--model", help="diffusers folder or hub id; 'ideal' or 'ideal:<size>' for the weights-free "
-                        "testbed prior (prompts are then scene names such as mug)")
-    common.add_argument("--device", help="auto, cpu, cuda (each worker sees one GPU)")
+    common = p.add_argument_group("overrides applied to every cell (default: the preset's); see `mvsdi generate -h`")
+    p.set_defaults(knobs=add_knob_options(common, RunConfig, paths=OVERRIDES))
     p.add_argument("--iou-resolution", type=int, default=64,
                    help="with --model ideal: the voxel grid of the 3D IoU against the true shape")
     weights = p.add_argument_group(
@@ -76,9 +82,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _metrics(text: str | None, ideal: bool) -> tuple[str, ...]:
-    from mvsdi.bench.cells import TESTBED_METRICS
-    from mvsdi.evaluate.runs import DEFAULT_METRICS, parse_metrics
-
     if not ideal:
         return parse_metrics(text) if text else DEFAULT_METRICS
     names = parse_names(text) if text else TESTBED_METRICS
@@ -90,21 +93,15 @@ def _metrics(text: str | None, ideal: bool) -> tuple[str, ...]:
 
 
 def _check_scenes(prompts: tuple[str, ...]) -> None:
-    from mvsdi.testbed.scenes import SCENES
-
     unknown = [p for p in prompts if p not in SCENES]
     if unknown:
         raise ValueError(f"with --model ideal each prompt names a testbed scene; unknown: {unknown}. "
                          f"Scenes: {', '.join(SCENES)}")
 
 
-def spec_from_args(args: argparse.Namespace):
-    from mvsdi.bench.matrix import OVERRIDES, BenchSpec
-    from mvsdi.config import is_ideal
-    from mvsdi.evaluate.run_folder import benchmark_prompts, read_prompt_file
-
+def spec_from_args(args: argparse.Namespace) -> BenchSpec:
     prompts = tuple(read_prompt_file(args.prompts) if args.prompts else benchmark_prompts())
-    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    overrides = parse_fields(RunConfig, knob_settings(args, args.knobs))
     spec = BenchSpec(presets=parse_names(args.presets), prompts=prompts, seeds=parse_seeds(args.seeds),
                      overrides=overrides, baseline=args.baseline or "", metrics=())
     ideal = is_ideal(spec.model)
@@ -116,12 +113,7 @@ def spec_from_args(args: argparse.Namespace):
     return dataclasses.replace(spec, metrics=_metrics(args.metrics, ideal))
 
 
-def eval_settings(spec, args: argparse.Namespace):
-    from mvsdi.bench.cells import EvalSettings
-    from mvsdi.config import is_ideal
-    from mvsdi.evaluate.run_folder import candidate_prompts
-    from mvsdi.evaluate.runs import Evaluator
-
+def eval_settings(spec: BenchSpec, args: argparse.Namespace) -> EvalSettings:
     # R-Precision retrieves each run's prompt among the bench's prompts (the 43 by default)
     weights = tuple((field, value) for flag, (field, _) in WEIGHT_FLAGS.items()
                     if (value := getattr(args, flag.lstrip("-").replace("-", "_"))) is not None)
@@ -151,14 +143,8 @@ class CellLog:
         print(f"[{self.count}/{self.total}] {record['cell']}: {record['status']} ({tries}){detail}", flush=True)
 
 
-def run_bench(spec, settings, out: Path, retries: int, executor: str = "local",
+def run_bench(spec: BenchSpec, settings: EvalSettings, out: Path, retries: int, executor: str = "local",
               address: str = "auto") -> dict[str, Any]:
-    from mvsdi.bench import executors
-    from mvsdi.bench.aggregate import CELLS_LOG, aggregate
-    from mvsdi.bench.cells import needs_measurement
-    from mvsdi.bench.matrix import cells, redo_reason, write_spec
-    from mvsdi.priors.loading import resolve_device
-
     matrix = cells(spec, out)  # every config is built (and validated) before anything runs
     if executor == "ray":
         executors.connect_ray(address)  # an unreachable address fails before OUT is touched
@@ -182,14 +168,7 @@ def run_bench(spec, settings, out: Path, retries: int, executor: str = "local",
 
 
 def run(args: argparse.Namespace) -> int:
-    from mvsdi.bench.aggregate import aggregate
-    from mvsdi.bench.cells import FatalBenchError
-    from mvsdi.bench.matrix import read_spec
-    from mvsdi.evaluate.clip_metrics import MetricLoadError
-    from mvsdi.priors.stable_diffusion import PriorLoadError
-    from mvsdi.rundir import RunDirectoryError
-
-    try:
+    def bench() -> int:
         if args.aggregate_only:
             out = args.aggregate_only
             result = aggregate(read_spec(out), out, protocol=args.protocol)
@@ -199,15 +178,11 @@ def run(args: argparse.Namespace) -> int:
             result = run_bench(spec, eval_settings(spec, args), out, args.retries, args.executor, args.address)
             if args.protocol == "reference":
                 result = aggregate(spec, out, protocol="reference")
-        from mvsdi.bench.convergence import write_convergence  # per-preset curves (docs/benchmark.md)
         write_convergence(out)
-    except (ValueError, FatalBenchError, MetricLoadError, PriorLoadError, RunDirectoryError, OSError) as exc:
-        print(f"mvsdi: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mvsdi: interrupted; finished cells are kept: run the same command again to resume", file=sys.stderr)
-        return 130
-    print((out / ("reference" if args.protocol == "reference" else ".") / "summary.md").read_text())
-    failed = sum(r["status"] == "failed" for r in result["rows"])
-    print(f"bench written to {out}" + (f"; {failed} cell(s) failed, see {out}/cells.jsonl" if failed else ""))
-    return 0
+        print((out / ("reference" if args.protocol == "reference" else ".") / "summary.md").read_text())
+        failed = sum(r["status"] == "failed" for r in result["rows"])
+        print(f"bench written to {out}" + (f"; {failed} cell(s) failed, see {out}/cells.jsonl" if failed else ""))
+        return 0
+
+    return run_command(bench, input_errors=(FatalBenchError, MetricLoadError, PriorLoadError),
+                       interrupted="interrupted; finished cells are kept: run the same command again to resume")

@@ -16,8 +16,11 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from mvsdi.atomic_files import atomic_write_bytes
+from mvsdi.bench.aggregate import collect
+from mvsdi.bench.matrix import read_spec
+from mvsdi.bench.plots import plot_convergence
 from mvsdi.evaluate.convergence import CONVERGENCE_FILE
-from mvsdi.rundir import atomic_write_bytes
 from mvsdi.statistics import mean_interval
 
 CURVES_CSV = "convergence.csv"
@@ -75,10 +78,6 @@ def curves_csv(table: Sequence[dict[str, Any]]) -> str:
 
 def write_convergence(out: Path) -> list[dict[str, Any]]:
     """OUT/convergence.csv and OUT/plots/convergence.png of the bench at ``out``; nothing when no cell has a curve."""
-    from mvsdi.bench.aggregate import collect
-    from mvsdi.bench.matrix import read_spec
-    from mvsdi.bench.plots import plot_convergence
-
     spec = read_spec(out)
     table = curves(collect(spec, out), spec.presets, Path(out))
     if table:

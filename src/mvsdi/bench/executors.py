@@ -14,6 +14,8 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any, Callable, Sequence
 
+import torch
+
 from mvsdi.bench.cells import EvalSettings, FatalBenchError, run_cell
 from mvsdi.bench.matrix import Cell
 
@@ -28,8 +30,6 @@ SPREAD_DEVICES = ("auto", "cuda")  # devices that mean "a GPU": each worker gets
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (indices or UUIDs)."""
-    import torch
-
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return listed[:count] if listed else [str(i) for i in range(count)]

@@ -10,8 +10,11 @@ import html
 from pathlib import Path
 from typing import Any, Sequence
 
+import imageio.v3 as iio
+
+from mvsdi.atomic_files import atomic_write_bytes
 from mvsdi.bench.text import format_value, short_reason
-from mvsdi.rundir import TURNTABLE, atomic_write_bytes
+from mvsdi.rundir import TURNTABLE
 
 GALLERY = "gallery.html"
 POSTERS = "posters"
@@ -23,8 +26,6 @@ _STYLE = ("body{font-family:sans-serif;margin:1em} table{border-collapse:collaps
 def poster(video: Path, path: Path) -> Path | None:
     """The first frame of ``video`` as the PNG ``path``, made again only when the video is newer;
     None when the video cannot be read (the page then shows it without a poster)."""
-    import imageio.v3 as iio
-
     if path.is_file() and path.stat().st_mtime_ns >= video.stat().st_mtime_ns:
         return path
     try:

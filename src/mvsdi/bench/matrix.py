@@ -11,12 +11,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvsdi.atomic_files import atomic_write_json
 from mvsdi.config import PRESETS, RunConfig, config_differences, preset
-from mvsdi.rundir import CONFIG, SUMMARY, atomic_write_json, prompt_slug, read_json
+from mvsdi.evaluate.run_folder import RunError, read_run
+from mvsdi.rundir import CONFIG, SUMMARY, prompt_slug, read_json
 
 SPEC_FILE = "bench.json"
 DONE_STATUSES = ("completed", "diverged")  # a run that reached its end; "interrupted" is redone
-# the RunConfig fields a bench may set for every cell (None: the preset's value)
+# the RunConfig knobs a bench may set for every cell (left out: the preset's value): none of the
+# method, so that each cell is still its preset (tested); their flags and parsing come from the
+# knobs' declarations (mvsdi.arguments), and a name that is no knob fails when the parser is built
 OVERRIDES = ("budget", "resolution", "samples_per_ray", "eval_views", "eval_resolution", "model", "device")
 
 
@@ -126,8 +130,6 @@ def redo_reason(cell: Cell) -> str | None:
     Done: its run reached its end, with exactly this cell's config, and passes ``mvsdi eval``'s
     rules (a summary from this mvsdi minor version) with all its evaluation renders.
     """
-    from mvsdi.evaluate.run_folder import RunError, read_run
-
     if not cell.path.exists():
         return "not run yet"
     status = run_status(cell)

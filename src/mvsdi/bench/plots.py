@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mvsdi.plotting import pyplot, save_figure
+from mvsdi.plotting import save_figure, subplots
 
 Bounds = tuple[Optional[float], Optional[float]]  # a metric's possible values; None: unbounded that way
 
@@ -52,8 +52,7 @@ def plot_bars(summary: Sequence[dict[str, Any]], metrics: Sequence[str], out: Pa
     drawn only within the metric's range (``ranges``; the caption says so)."""
     if not metrics:
         return None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
     names = [e["preset"] for e in summary]
     colours = preset_colours(names)
     for ax, metric in zip(axes[0], metrics):
@@ -83,9 +82,8 @@ def plot_scatter(rows: Sequence[dict[str, Any]], baseline: str, presets: Sequenc
     others = [p for p in presets if p != baseline]
     if not metrics or not others:
         return None
-    plt = pyplot()
     colours = preset_colours(presets)
-    fig, axes = plt.subplots(len(metrics), len(others), figsize=(3.2 * len(others), 3.2 * len(metrics)), squeeze=False)
+    fig, axes = subplots(len(metrics), len(others), figsize=(3.2 * len(others), 3.2 * len(metrics)))
     for i, metric in enumerate(metrics):
         base = per_prompt_means(rows, baseline, metric)
         for j, name in enumerate(others):
@@ -119,9 +117,8 @@ def plot_convergence(curves: Sequence[dict[str, Any]], presets: Sequence[str], o
     passes: per preset its mean over "ok" cells, shaded its 95% interval (cut at [-1, 1])."""
     if not curves:
         return None
-    plt = pyplot()
     colours = preset_colours(presets)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+    fig, axes = subplots(1, 2, figsize=(9, 3.6))
     for ax, (key, label) in zip(axes[0], CONVERGENCE_AXES.items()):
         for name in presets:
             mine = [c for c in curves if c["preset"] == name]

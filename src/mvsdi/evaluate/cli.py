@@ -1,31 +1,37 @@
 """``mvsdi eval RUN [RUN...]``: the paper's metrics on run directories.
 
 ``add_parser(subparsers)`` adds the subcommand; ``run(args)`` executes it and returns the exit code
-(0 done, 2 a bad input or a model that cannot be loaded, with the reason on stderr).
+(0 done, 2 a bad input or a model that cannot be loaded, with the reason on stderr; 130 interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from mvsdi.evaluate.clip_metrics import CLIP_B16, CLIP_B32, HPS_FILE, HPS_REPO
+from mvsdi.commands import run_command
+from mvsdi.evaluate.clip_metrics import CLIP_B16, CLIP_B32, HPS_FILE, HPS_REPO, MetricLoadError
 from mvsdi.evaluate.image_reward import BLIP_TOKENIZER, IMAGE_REWARD_FILE, IMAGE_REWARD_REPO, MED_CONFIG_FILE
+from mvsdi.evaluate.protocol import PROTOCOLS, REFERENCE, get_protocol, protocol_candidates
+from mvsdi.evaluate.reference_renders import availability_problem
+from mvsdi.evaluate.run_folder import RunError, benchmark_prompts, read_prompt_file, read_run
+from mvsdi.evaluate.runs import DEFAULT_METRICS, KNOWN_METRICS, Evaluator, evaluate_run, parse_metrics
+from mvsdi.priors.loading import resolve_device
+
+
+# `mvsdi eval --help`'s account of the command
+DESCRIPTION = ("Compute CLIP score, CLIP R-Precision, CLIP-IQA, the Janus score, the divergence flag and, when "
+               "asked for, HPSv2.1 and ImageReward v1.0 on the evaluation renders of each RUN, and write "
+               "RUN/metrics.json (--protocol reference: the MV-SDI reference's 50 of 120 turntable views, "
+               "rendered from the checkpoint if needed, into RUN/metrics_reference.json). "
+               "See docs/evaluation.md.")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from mvsdi.evaluate.protocol import PROTOCOLS
-    from mvsdi.evaluate.runs import DEFAULT_METRICS, KNOWN_METRICS
-
     p = subparsers.add_parser(
         "eval", help="compute evaluation metrics of run directories",
-        description="Compute CLIP score, CLIP R-Precision, CLIP-IQA, the Janus score, the divergence flag and, when "
-                    "asked for, HPSv2.1 and ImageReward v1.0 on the evaluation renders of each RUN, and write "
-                    "RUN/metrics.json (--protocol reference: the MV-SDI reference's 50 of 120 turntable views, "
-                    "rendered from the checkpoint if needed, into RUN/metrics_reference.json). "
-                    "See docs/evaluation.md.",
+        description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories written by `mvsdi generate`")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
@@ -76,12 +82,7 @@ def _line(result: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _evaluator(args: argparse.Namespace):
-    from mvsdi.evaluate.protocol import REFERENCE, get_protocol, protocol_candidates
-    from mvsdi.evaluate.run_folder import benchmark_prompts, read_prompt_file, read_run
-    from mvsdi.evaluate.runs import Evaluator, parse_metrics
-    from mvsdi.priors.loading import resolve_device
-
+def _evaluator(args: argparse.Namespace) -> Evaluator:
     metrics = parse_metrics(args.metrics)
     protocol = get_protocol(args.protocol)
     prompt_list = read_prompt_file(args.prompts) if args.prompts else benchmark_prompts()
@@ -100,25 +101,16 @@ def _evaluator(args: argparse.Namespace):
 
 def _check_reference_views(runs) -> None:
     """Every run must hold the reference views or a checkpoint to render them from."""
-    from mvsdi.evaluate.reference_renders import availability_problem
-    from mvsdi.evaluate.run_folder import RunError
-
     problems = [problem for run in runs if (problem := availability_problem(run.path))]
     if problems:
         raise RunError("\n".join(problems))
 
 
 def run(args: argparse.Namespace) -> int:
-    from mvsdi.evaluate.clip_metrics import MetricLoadError
-    from mvsdi.evaluate.runs import evaluate_run
-    from mvsdi.rundir import RunDirectoryError
-
-    try:
+    def evaluate_all() -> int:
         evaluator = _evaluator(args)
         for path in args.runs:
-            result = evaluate_run(path, evaluator, force=args.force)
-            print(_line(result), flush=True)
-    except (ValueError, MetricLoadError, RunDirectoryError, OSError) as exc:
-        print(f"mvsdi eval: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+            print(_line(evaluate_run(path, evaluator, force=args.force)), flush=True)
+        return 0
+
+    return run_command(evaluate_all, name="mvsdi eval", input_errors=(MetricLoadError,))

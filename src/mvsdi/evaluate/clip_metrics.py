@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+import transformers
+from transformers.utils import cached_file
 
 CLIP_B32 = "openai/clip-vit-base-patch32"
 CLIP_B16 = "openai/clip-vit-base-patch16"
@@ -143,8 +145,6 @@ def _preprocessor_settings(source: str, image_size: int) -> dict[str, Any]:
     """Resize/crop/mean/std from the model's preprocessor_config.json, else OpenAI CLIP's defaults."""
     settings = {"resize": image_size, "crop": image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD}
     try:
-        from transformers.utils import cached_file
-
         path = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
     except Exception:  # noqa: BLE001 - a missing optional file means the defaults
         path = None
@@ -169,8 +169,8 @@ def _check_tokenizer(tokenizer) -> None:
 class ClipScorer:
     """A CLIP model as two embedding functions: images [N, 3, H, W] in [0, 1] and texts."""
 
-    model: Any  # transformers.CLIPModel
-    tokenizer: Any  # transformers.CLIPTokenizer
+    model: transformers.CLIPModel
+    tokenizer: transformers.CLIPTokenizer
     resize: int
     crop: int
     mean: tuple[float, ...]
@@ -181,15 +181,13 @@ class ClipScorer:
     @classmethod
     def load(cls, source: str, metric: str, flag: str, device: str | torch.device = "cpu") -> "ClipScorer":
         """Load a CLIPModel + tokenizer from a hub id or local folder; failures become ``MetricLoadError``."""
-        from transformers import CLIPModel, CLIPTokenizer
-
         path = Path(source).expanduser()
         if not path.is_dir() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
             raise load_error(metric, source, "no such folder", flag)  # else hub machinery would look it up online
         source = str(path) if path.is_dir() else source
         try:
-            model = CLIPModel.from_pretrained(source)
-            tokenizer = CLIPTokenizer.from_pretrained(source)
+            model = transformers.CLIPModel.from_pretrained(source)
+            tokenizer = transformers.CLIPTokenizer.from_pretrained(source)
             _check_tokenizer(tokenizer)
         except Exception as error:  # noqa: BLE001 - every loader failure becomes one actionable error
             raise load_error(metric, source, f"{type(error).__name__}: {error}", flag) from error
@@ -295,11 +293,9 @@ def _layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
 
 
 def clip_config_for_openclip(state_dict: dict[str, torch.Tensor], vision_heads: int, text_heads: int,
-                             hidden_act: str = "gelu"):
+                             hidden_act: str = "gelu") -> transformers.CLIPConfig:
     """A ``CLIPConfig`` whose shapes are read off an OpenCLIP state dict; the head counts and activation
     are not recoverable from the weights, so they come from the architecture's name."""
-    from transformers import CLIPConfig
-
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
     width, _, patch, _ = sd["visual.conv1.weight"].shape
     grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
@@ -313,16 +309,15 @@ def clip_config_for_openclip(state_dict: dict[str, torch.Tensor], vision_heads: 
                 num_hidden_layers=_layers(sd, ""), num_attention_heads=text_heads,
                 max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act=hidden_act,
                 layer_norm_eps=1e-5, eos_token_id=2)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=sd["text_projection"].shape[1])
+    return transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                   projection_dim=sd["text_projection"].shape[1])
 
 
 def load_openclip_checkpoint(state_dict: dict[str, torch.Tensor], vision_heads: int, text_heads: int,
-                             hidden_act: str = "gelu"):
+                             hidden_act: str = "gelu") -> transformers.CLIPModel:
     """An OpenCLIP ViT state dict → a loaded ``CLIPModel`` (float32, eval); every weight must match."""
-    from transformers import CLIPModel
-
     config = clip_config_for_openclip(state_dict, vision_heads, text_heads, hidden_act)
-    model = CLIPModel(config)
+    model = transformers.CLIPModel(config)
     converted = {k: v.float() for k, v in openclip_to_transformers(state_dict).items()}
     missing, unexpected = model.load_state_dict(converted, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]  # buffers transformers rebuilds
@@ -344,8 +339,6 @@ def load_hpsv2(checkpoint: str | None, tokenizer_source: str, device: str | torc
     (from the local cache under HF_HUB_OFFLINE=1). The tokenizer is OpenAI CLIP's BPE, which OpenCLIP's
     ViT-H/14 shares, so any CLIP tokenizer folder or id serves.
     """
-    from transformers import CLIPTokenizer
-
     source = checkpoint or f"{HPS_REPO}/{HPS_FILE}"
     try:
         if checkpoint is None:
@@ -359,7 +352,7 @@ def load_hpsv2(checkpoint: str | None, tokenizer_source: str, device: str | torc
         raise load_error("hpsv2", source, f"{type(error).__name__}: {error}", "--hpsv2",
                          local=f"the {HPS_FILE} file of the {HPS_REPO} hub repo") from error
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_source)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_source)
         _check_tokenizer(tokenizer)
     except Exception as error:  # noqa: BLE001
         raise load_error("hpsv2 (tokenizer)", tokenizer_source, f"{type(error).__name__}: {error}",

@@ -16,10 +16,12 @@ from typing import Any, Sequence
 
 import torch
 
+from mvsdi.atomic_files import atomic_write_json
 from mvsdi.evaluate import clip_metrics as cm
 from mvsdi.evaluate.run_folder import Run, RunError, load_images
 from mvsdi.generate import CONVERGENCE_POINTS as POINTS_FILE  # in RUN/validation
-from mvsdi.rundir import VALIDATION, atomic_write_json
+from mvsdi.plotting import save_figure, subplots
+from mvsdi.rundir import VALIDATION
 
 CONVERGENCE_FILE = "convergence.json"
 CONVERGENCE_PLOT = "convergence.png"
@@ -86,10 +88,7 @@ def write_convergence(run: Run, evaluator) -> dict[str, Any] | None:
 
 def plot_run(result: dict[str, Any], out: Path) -> Path:
     """Two panels: the CLIP score against guidance evaluations, and against UNet forward passes."""
-    from mvsdi.plotting import pyplot, save_figure
-
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), squeeze=False)
+    fig, axes = subplots(1, 2, figsize=(8, 3.2))
     scores = [p["clip_score"] for p in result["points"]]
     for ax, (key, label) in zip(axes[0], X_AXES.items()):
         ax.plot([p[key] for p in result["points"]], scores, marker="o")

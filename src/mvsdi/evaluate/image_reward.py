@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from mvsdi.evaluate.clip_metrics import OPENAI_MEAN, OPENAI_STD, load_error, preprocess
@@ -64,12 +65,11 @@ def normalise_reward(raw: torch.Tensor) -> torch.Tensor:
 class ImageRewardModel(nn.Module):
     """BLIP image encoder + cross-attending text encoder + linear head; ``forward`` gives normalised rewards."""
 
-    def __init__(self, vision_config, text_config, head_sizes: list[int]):
+    def __init__(self, vision_config: transformers.BlipVisionConfig, text_config: transformers.BlipTextConfig,
+                 head_sizes: list[int]):
         super().__init__()
-        from transformers import BlipTextModel, BlipVisionModel
-
-        self.vision = BlipVisionModel(vision_config)
-        self.text = BlipTextModel(text_config, add_pooling_layer=False)
+        self.vision = transformers.BlipVisionModel(vision_config)
+        self.text = transformers.BlipTextModel(text_config, add_pooling_layer=False)
         # the official head interleaves Dropout layers but no activation: in eval it is a chain of affine maps
         self.head = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(head_sizes[:-1], head_sizes[1:])))
 
@@ -131,8 +131,6 @@ def image_reward_to_ours(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str,
 def configs_for_image_reward(state_dict: dict[str, torch.Tensor], med_config: dict[str, Any]):
     """(BlipVisionConfig, BlipTextConfig, head sizes): shapes read off the weights, the text encoder's
     hyper-parameters from med_config.json, the ViT's head count from BLIP's 64-wide heads."""
-    from transformers import BlipTextConfig, BlipVisionConfig
-
     width = state_dict[_VISION + "cls_token"].shape[-1]
     patch = state_dict[_VISION + "patch_embed.proj.weight"].shape[-1]
     grid = round((state_dict[_VISION + "pos_embed"].shape[1] - 1) ** 0.5)
@@ -140,7 +138,7 @@ def configs_for_image_reward(state_dict: dict[str, torch.Tensor], med_config: di
                      if k.startswith(_VISION) and (m := _VIT_BLOCK.match(k[len(_VISION):])))
     if width % BLIP_VIT_HEAD_WIDTH:
         raise ValueError(f"a BLIP ViT {width} wide cannot have {BLIP_VIT_HEAD_WIDTH}-wide heads")
-    vision = BlipVisionConfig(
+    vision = transformers.BlipVisionConfig(
         hidden_size=width, intermediate_size=state_dict[_VISION + "blocks.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=layers, num_attention_heads=width // BLIP_VIT_HEAD_WIDTH,
         image_size=grid * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=BLIP_VIT_LAYER_NORM_EPS)
@@ -148,9 +146,10 @@ def configs_for_image_reward(state_dict: dict[str, torch.Tensor], med_config: di
                  "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id")
     # BLIP_Pretrain sets the cross-attention input width to the ViT's, whatever encoder_width the file says;
     # is_decoder=True only makes transformers build the cross-attention layers (forward runs bidirectionally)
-    text = BlipTextConfig(**{k: med_config[k] for k in text_keys if k in med_config}, encoder_hidden_size=width,
-                          is_decoder=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                          bos_token_id=None, eos_token_id=None, sep_token_id=None)  # generation only: unused
+    text = transformers.BlipTextConfig(**{k: med_config[k] for k in text_keys if k in med_config},
+                                       encoder_hidden_size=width, is_decoder=True, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0,
+                                       bos_token_id=None, eos_token_id=None, sep_token_id=None)  # generation only
     head = [state_dict[k].shape for k in sorted(_head_keys(state_dict), key=lambda k: int(_HEAD.match(k).group(1)))
             if k.endswith("weight")]
     return vision, text, [head[0][1], *(shape[0] for shape in head)]
@@ -171,11 +170,9 @@ def load_image_reward_model(state_dict: dict[str, torch.Tensor], med_config: dic
 # tokenizer, scorer, loader
 
 
-def load_blip_tokenizer(source: str):
+def load_blip_tokenizer(source: str) -> transformers.BertTokenizer:
     """bert-base-uncased (hub id or folder) with BLIP's added tokens, as BLIP's init_tokenizer builds it."""
-    from transformers import BertTokenizer
-
-    tokenizer = BertTokenizer.from_pretrained(source)
+    tokenizer = transformers.BertTokenizer.from_pretrained(source)
     tokenizer.add_special_tokens(dict(BLIP_ADDED_TOKENS))
     return tokenizer
 

@@ -1,7 +1,7 @@
 """The reference protocol's scored views of a run: found in ``RUN/renders_reference/`` or rendered
 from the run's checkpoint.
 
-Rendered as ``mvsdi generate`` renders its own evaluation views (``Distiller.evaluation_renders``):
+Rendered as ``mvsdi generate`` renders its own evaluation views (``generate.evaluation_renders``):
 the field and background of ``checkpoint.pt``, albedo shading, the run's samples per ray and
 evaluation resolution, empty-space skipping with the occupancy grid saved in the checkpoint. Only
 the cameras differ (``reference_cameras``). Each view is ``NNN.png``, NNN its index on the
@@ -16,13 +16,20 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import imageio.v3 as iio
 import torch
 
+from mvsdi.atomic_files import atomic_write_bytes, atomic_write_json
 from mvsdi.cameras import Cameras, spherical_to_cartesian, wrap_azimuth
+from mvsdi.config import RunConfig
+from mvsdi.distill import Model
 from mvsdi.evaluate.protocol import (REFERENCE, REFERENCE_DISTANCE, REFERENCE_ELEVATION_DEG, REFERENCE_FOVY_DEG,
                                      REFERENCE_TURNTABLE_VIEWS, reference_turntable_azimuths, reference_view_indices)
 from mvsdi.evaluate.run_folder import RunError
-from mvsdi.rundir import CHECKPOINT, CONFIG, SUMMARY, atomic_write_bytes, atomic_write_json, read_json, to_uint8
+from mvsdi.images import to_uint8
+from mvsdi.occupancy import OccupancyGrid, density_function, density_threshold_for
+from mvsdi.render import render
+from mvsdi.rundir import CHECKPOINT, CONFIG, SUMMARY, read_checkpoint, read_json
 
 MANIFEST = "views.json"
 
@@ -86,11 +93,9 @@ def find_or_render(run_path: Path, device: torch.device | str) -> tuple[list[tup
 # rendering from the checkpoint
 
 
-def saved_grid(config, state: dict[str, Any] | None, field, device: torch.device):
+def saved_grid(config: RunConfig, state: dict[str, Any] | None, field, device: torch.device) -> OccupancyGrid | None:
     """The run's occupancy grid as its checkpoint saved it (None: the run renders densely); built
     from the field when the checkpoint has none, as ``Distiller.current_grid`` does."""
-    from mvsdi.occupancy import OccupancyGrid, density_function, density_threshold_for
-
     r = config.render
     if not r.occupancy_grid:
         return None
@@ -103,19 +108,12 @@ def saved_grid(config, state: dict[str, Any] | None, field, device: torch.device
 
 
 def _png(image: torch.Tensor) -> bytes:
-    import imageio.v3 as iio
-
     return iio.imwrite("<bytes>", to_uint8(image), extension=".png")
 
 
 @torch.no_grad()
 def render_views(run_path: Path, indices: Sequence[int], wanted: dict[str, Any], device: torch.device | str) -> None:
     """Render the turntable views ``indices`` of the run's checkpoint into ``renders_reference/``."""
-    from mvsdi.config import RunConfig
-    from mvsdi.distill import Model
-    from mvsdi.render import render
-    from mvsdi.rundir import read_checkpoint
-
     device = torch.device(device)
     started = time.perf_counter()
     checkpoint = read_checkpoint(run_path)

@@ -24,7 +24,8 @@ from mvsdi.evaluate.divergence import Divergence, check_divergence, missing
 from mvsdi.evaluate.protocol import OURS, EvaluationProtocol, get_protocol, janus_positions
 from mvsdi.evaluate.reference_renders import find_or_render
 from mvsdi.evaluate.run_folder import Run, RunError, load_images, prompt_key, read_run, view_index
-from mvsdi.rundir import RENDERS, atomic_write_json
+from mvsdi.atomic_files import atomic_write_json
+from mvsdi.rundir import RENDERS
 
 METRICS_FILE = OURS.metrics_file  # the default protocol's; the reference's is metrics_reference.json
 KNOWN_METRICS = ("clip_score", "r_precision", "clip_iqa", "janus", "divergence", "hpsv2", "image_reward")

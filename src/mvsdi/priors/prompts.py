@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from mvsdi.cameras import Cameras, view_direction, wrap_azimuth
+from mvsdi.knobs import knob
 from mvsdi.priors.base import DiffusionPrior
 
 # Order of the cached view-dependent embeddings; UNCOND is the negative prompt (the "empty" text).
@@ -37,16 +38,16 @@ Decay = tuple[float, float, float]  # (a, b, c) of a·exp(−b·r) + c
 
 @dataclass(frozen=True)
 class PromptConfig:
-    view_dependent: bool = True  # append ", front view" / ", side view" / ... per camera
-    perp_neg: bool = True  # Perp-Neg as in the SDI configuration (needs view-dependent prompts)
-    negative_prompt: str = ""  # the unconditional text
-    front_half_width_deg: float = 45.0
-    overhead_deg: float = 60.0
+    view_dependent: bool = knob(True, "append \", front view\" / \", side view\" / ... per camera")
+    perp_neg: bool = knob(True, "Perp-Neg as in the SDI configuration (needs view-dependent prompts)")
+    negative_prompt: str = knob("", "the unconditional text of classifier-free guidance", flags=("--negative-prompt",))
+    front_half_width_deg: float = knob(45.0, "azimuths within this of the front get the front view's prompt")
+    overhead_deg: float = knob(60.0, "cameras above this elevation get the overhead view's prompt")
     # threestudio's defaults; f_fs(1) ≈ 0 and f_sb(1) ≈ 0, so a pure view does not repel itself
-    perp_neg_f_sb: Decay = (1.0, 0.5, -0.606)
-    perp_neg_f_fsb: Decay = (1.0, 0.5, 0.967)
-    perp_neg_f_fs: Decay = (4.0, 0.5, -2.426)
-    perp_neg_f_sf: Decay = (4.0, 0.5, -2.426)
+    perp_neg_f_sb: Decay = knob((1.0, 0.5, -0.606), "Perp-Neg weight decay f_sb(r) = a·exp(−b·r) + c (A B C)")
+    perp_neg_f_fsb: Decay = knob((1.0, 0.5, 0.967), "Perp-Neg weight decay f_fsb (A B C)")
+    perp_neg_f_fs: Decay = knob((4.0, 0.5, -2.426), "Perp-Neg weight decay f_fs (A B C)")
+    perp_neg_f_sf: Decay = knob((4.0, 0.5, -2.426), "Perp-Neg weight decay f_sf (A B C)")
 
     def __post_init__(self) -> None:
         # Refuse rather than silently switch view-dependence back on: the caller asked for both.

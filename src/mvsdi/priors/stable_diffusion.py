@@ -9,8 +9,10 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import diffusers
 import torch
 import torch.nn.functional as F
+import transformers
 
 from mvsdi.priors.base import NetworkCounters
 
@@ -142,21 +144,19 @@ class StableDiffusionPrior:
         self.use_fast_unet("off")
 
     def _load(self):
-        # imported here so that importing mvsdi.priors stays cheap for code that never loads SD
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         model = self.model
         _check_source(model)
         source = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
         loaders = {
             # the UNet first: it is the part a bogus id fails on, before the slower ones
-            "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=self.dtype),
-            "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=self.dtype),
-            "text_encoder": lambda: CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=self.dtype),
-            "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            "unet": lambda: diffusers.UNet2DConditionModel.from_pretrained(source, subfolder="unet",
+                                                                           torch_dtype=self.dtype),
+            "vae": lambda: diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=self.dtype),
+            "text_encoder": lambda: transformers.CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
+                                                                               dtype=self.dtype),
+            "tokenizer": lambda: transformers.CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
             # SD repos ship a PNDM config; DDIM reads the same beta schedule from it
-            "scheduler": lambda: DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
+            "scheduler": lambda: diffusers.DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
         }
         parts = {}
         for name, load in loaders.items():

@@ -21,7 +21,9 @@ import string
 import tempfile
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 
 MARKER = "mvsdi_stack.json"
 FORMAT = 1  # bump when the layout written here changes, so old caches are rebuilt
@@ -46,24 +48,20 @@ def character_vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def _tokenizer():
-    from transformers import CLIPTokenizer
-
+def _tokenizer() -> transformers.CLIPTokenizer:
     # transformers 5 ignores vocab_file=/merges_file=; the in-memory vocab= / merges= form works
-    return CLIPTokenizer(vocab=character_vocab(), merges=[], model_max_length=MAX_TOKENS)
+    return transformers.CLIPTokenizer(vocab=character_vocab(), merges=[], model_max_length=MAX_TOKENS)
 
 
-def _unet(shape: str):
-    from diffusers import UNet2DConditionModel
-
+def _unet(shape: str) -> diffusers.UNet2DConditionModel:
     if shape == "tiny":
-        return UNet2DConditionModel(
+        return diffusers.UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=16, norm_num_groups=4, attention_head_dim=(2, 4), use_linear_projection=True)
     # SD-2.1-base: attention_head_dim is (as in diffusers' naming) the number of heads per level
-    return UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -71,39 +69,34 @@ def _unet(shape: str):
         norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0)
 
 
-def _vae(shape: str):
-    from diffusers import AutoencoderKL
-
+def _vae(shape: str) -> diffusers.AutoencoderKL:
     tiny = shape == "tiny"
     channels = (8, 16) if tiny else (128, 256, 512, 512)
-    return AutoencoderKL(
+    return diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
         layers_per_block=1 if tiny else 2, norm_num_groups=4 if tiny else 32, act_fn="silu",
         sample_size=32 if tiny else 512, scaling_factor=0.18215)
 
 
-def _text_encoder(shape: str, vocab: dict[str, int]):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+def _text_encoder(shape: str, vocab: dict[str, int]) -> transformers.CLIPTextModel:
     # bos/eos/pad must be the ids of the tokenizer written next to it
     ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                pad_token_id=vocab["<|endoftext|>"])
     if shape == "tiny":
-        config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=16,
-                                hidden_act="gelu", **ids)
+        config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=2,
+                                             max_position_embeddings=MAX_TOKENS, projection_dim=16, hidden_act="gelu",
+                                             **ids)
     else:  # OpenCLIP ViT-H text tower minus its last layer, as SD-2 uses it
-        config = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                                num_attention_heads=16, max_position_embeddings=MAX_TOKENS, projection_dim=512,
-                                hidden_act="gelu", **ids)
-    return CLIPTextModel(config)
+        config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                             num_hidden_layers=23, num_attention_heads=16,
+                                             max_position_embeddings=MAX_TOKENS, projection_dim=512, hidden_act="gelu",
+                                             **ids)
+    return transformers.CLIPTextModel(config)
 
 
 def _marker(shape: str, seed: int) -> dict:
-    import diffusers
-    import transformers
-
     return {"shape": shape, "seed": seed, "format": FORMAT, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
@@ -117,8 +110,6 @@ def _is_complete(folder: Path, shape: str, seed: int) -> bool:
 
 
 def _write(folder: Path, shape: str, seed: int) -> None:
-    from diffusers import DDIMScheduler
-
     vocab = character_vocab()
     # a private RNG: building a stack must not shift the caller's random stream
     with torch.random.fork_rng(devices=[]):
@@ -129,15 +120,13 @@ def _write(folder: Path, shape: str, seed: int) -> None:
             module.half()  # halves 5 GB of random weights on disk; the prior casts on load anyway
         module.save_pretrained(folder / name)
     _tokenizer().save_pretrained(folder / "tokenizer")
-    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    diffusers.DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
     # written last: its presence means every file above is complete
     (folder / MARKER).write_text(json.dumps(_marker(shape, seed), indent=2))
 
 
 def _model_index() -> dict:
-    import diffusers
-
     return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],

@@ -3,7 +3,10 @@
 - ``scenes``: analytic scenes (SDF + colour), ``SceneField`` for the renderer, ``render_truth``;
 - ``prior``: ``IdealDenoiserPrior``, the optimal denoiser of the scenes' reference renders,
   behind the ``DiffusionPrior`` protocol;
-- ``metrics``: a distilled field against the truth (aligned PSNR, 3D IoU, R-precision, Janus).
+- ``metrics``: a distilled field against the truth (aligned PSNR, 3D IoU, R-precision, Janus);
+- ``study`` (``mvsdi testbed``, ``cli``): K-view methods at equal budget on these scenes, from
+  ``settings`` (methods, presets, a cell's run), ``cells`` (training and measuring, in worker
+  processes), ``tables`` and ``figures``.
 """
 
 from mvsdi.testbed import sdf

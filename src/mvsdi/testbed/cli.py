@@ -6,28 +6,35 @@ import argparse
 import contextlib
 import dataclasses
 import fnmatch
-import sys
 from pathlib import Path
 
 from mvsdi.arguments import parse_names, parse_seeds
+from mvsdi.atomic_files import TEMPORARY_FILES
+from mvsdi.commands import run_command
+from mvsdi.priors.loading import resolve_device
+from mvsdi.rundir import RENDERS, RunDirectory, RunDirectoryError
+from mvsdi.testbed.scenes import SCENES, get_scene
+from mvsdi.testbed.settings import METHODS_BY_NAME, SETTINGS, SMALL, StudySettings, check_settings
+from mvsdi.testbed.study import run_study
 
 # What a study writes (see mvsdi.testbed.study), and the temporary files of its atomic writes: a
 # folder holding anything else is not a study, and --overwrite must not delete it.
 STUDY_FILES = ("results.jsonl", "variance.json", "table.md", "table.csv", "study.json", "log.jsonl", "*.png",
-               "turntable_*.gif", ".*.tmp")
+               "turntable_*.gif", TEMPORARY_FILES)
+
+
+# `mvsdi testbed --help`'s account of the command (argparse joins the lines)
+DESCRIPTION = """Distil procedural scenes with the exact ideal denoiser of their renders as the prior, for K=1
+and K>1 methods at the same budget, and measure the result against the true shapes, with paired
+differences against K=1 and a verdict per method and metric. Settings: small (the default, minutes
+on 2 CPU cores), medium (the study with power, about an hour on 2 cores), budgets (quality against
+budget for K=1, 2, 4), full (a GPU)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from mvsdi.testbed.scenes import SCENES
-    from mvsdi.testbed.study import METHODS_BY_NAME, SETTINGS, SMALL
-
     p = subparsers.add_parser(
         "testbed", help="compare K-view methods at equal budget where the truth is known (no weights)",
-        description="Distil procedural scenes with the exact ideal denoiser of their renders as the prior, "
-                    "for K=1 and K>1 methods at the same budget, and measure the result against the true "
-                    "shapes, with paired differences against K=1 and a verdict per method and metric. "
-                    "Settings: small (the default, minutes on 2 CPU cores), medium (the study with power, about "
-                    "an hour on 2 cores), budgets (quality against budget for K=1, 2, 4), full (a GPU).",
+        description=DESCRIPTION,
         epilog="settings: " + "; ".join(f"{name}: {_described(s)}" for name, s in SETTINGS.items())
                + ". methods: " + ", ".join(METHODS_BY_NAME)
                + ". scenes: " + "; ".join(f"{name} ({scene.description})" for name, scene in SCENES.items()))
@@ -51,6 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="the study folder: tables, plots and GIFs (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier study at --out, whole, once the new one completes")
+    p.add_argument("--no-progress", action="store_true",
+                   help="print no progress lines (they still go to the study's log.jsonl)")
     return p
 
 
@@ -63,10 +72,7 @@ def _described(settings) -> str:
             f"{settings.image_size}², {settings.device}")
 
 
-def settings_from_args(args: argparse.Namespace):
-    from mvsdi.testbed.scenes import get_scene
-    from mvsdi.testbed.study import SETTINGS
-
+def settings_from_args(args: argparse.Namespace) -> StudySettings:
     if args.full and args.setting not in ("small", "full"):  # small is --setting's default
         raise ValueError(f"--full is --setting full; it cannot be combined with --setting {args.setting}")
     settings = SETTINGS["full" if args.full else args.setting]
@@ -107,11 +113,9 @@ def foreign_files(folder: Path) -> list[str]:
                   if p.is_dir() or not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES))
 
 
-def open_study_folder(out: Path, overwrite: bool):
+def open_study_folder(out: Path, overwrite: bool) -> RunDirectory:
     """A ``RunDirectory`` for the study: written in a staging folder beside ``out``, moved into place
     whole on ``commit``, so an earlier study is replaced, never mixed with the new one's files."""
-    from mvsdi.rundir import RunDirectory, RunDirectoryError
-
     if overwrite and (foreign := foreign_files(out)):
         raise RunDirectoryError(
             f"--out {out} holds files that a study does not write ({', '.join(foreign[:5])}"
@@ -122,16 +126,13 @@ def open_study_folder(out: Path, overwrite: bool):
 
 def _study(args: argparse.Namespace):
     """Validate everything, then run the study in its staging folder and move it into place."""
-    from mvsdi.priors.loading import resolve_device
-    from mvsdi.rundir import RENDERS
-    from mvsdi.testbed.study import check_settings, run_study
-
     settings = settings_from_args(args)
     check_settings(settings)
     resolve_device(settings.device)  # e.g. --device cuda without a GPU: before any folder is made
     folder = open_study_folder(args.out, args.overwrite)
     try:
-        result = run_study(settings, folder.path, log=folder.log, workers=args.workers)
+        result = run_study(settings, folder.path, progress=not args.no_progress, log=folder.log,
+                           workers=args.workers)
         with contextlib.suppress(OSError):  # a run directory's (empty) renders folder; a study has none
             (folder.path / RENDERS).rmdir()
     except BaseException:
@@ -142,17 +143,11 @@ def _study(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mvsdi.rundir import RunDirectoryError
-
-    try:
+    def study_and_say() -> int:
         result = _study(args)
-    except (ValueError, RunDirectoryError) as exc:
-        print(f"mvsdi testbed: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mvsdi testbed: interrupted; {args.out} was left as it was (the partial study is discarded)",
-              file=sys.stderr)
-        return 130
-    print((args.out / "table.md").read_text())
-    print(f"study written to {args.out} in {result['seconds']:.0f} s")
-    return 0
+        print((args.out / "table.md").read_text())
+        print(f"study written to {args.out} in {result['seconds']:.0f} s")
+        return 0
+
+    return run_command(study_and_say, name="mvsdi testbed",
+                       interrupted=f"interrupted; {args.out} was left as it was (the partial study is discarded)")

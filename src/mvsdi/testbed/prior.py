@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from torch import Tensor
 
+from mvsdi.atomic_files import atomic_torch_save
 from mvsdi.cameras import CameraRanges, sample_views
 from mvsdi.priors.base import NetworkCounters
 from mvsdi.priors.tiny import SCHEDULER_CONFIG, cache_root
-from mvsdi.rundir import atomic_torch_save
 from mvsdi.testbed import scenes as sc
 
 # bump when the cache layout or the meaning of its contents changes (2: per-view camera draws and jitter;
