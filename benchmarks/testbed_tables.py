@@ -33,7 +33,9 @@ def main() -> int:
     args = parser.parse_args()
     results = [json.loads(line) for line in (args.study / "results.jsonl").read_text().splitlines()]
     variance = json.loads((args.study / "variance.json").read_text())
-    write_summaries(results, variance, settings_of(json.loads((args.study / "study.json").read_text())), args.study)
+    meta = json.loads((args.study / "study.json").read_text())
+    coverage = meta.get("blocks", {}).get("coverage")  # a study cut by its time limit says so again
+    write_summaries(results, variance, settings_of(meta), args.study, coverage)
     print((args.study / "table.md").read_text())
     return 0
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mvsdi.guidance import SDIConfig, timestep
-from mvsdi.schedules import LevelSchedule, LossWeights, Schedules, ShadingSchedule, fraction_spent, steps_for_budget
+from mvsdi.schedules import (LevelSchedule, LossWeights, Schedules, ShadingSchedule, fraction_spent, step_reaching,
+                             steps_for_budget)
 
 
 def test_budget_gives_steps():
@@ -114,3 +115,12 @@ def test_sdi_without_anneal_draws_t_uniformly_per_view():
     cfg = SDIConfig(t_anneal=False)
     ts = {timestep(cfg, 0.5, torch.Generator().manual_seed(i), 1000) for i in range(200)}
     assert min(ts) >= 250 and max(ts) <= 980 and len(ts) > 100
+
+
+def test_step_reaching_is_the_first_step_at_which_a_fraction_is_spent():
+    assert step_reaching(0.5, 4, 96) == 12 and fraction_spent(12, 4, 96) == 0.5
+    assert step_reaching(0.33, 4, 96) == 8  # 7 steps spend 0.2917, 8 spend 0.3333
+    assert (step_reaching(0.0, 2, 10), step_reaching(1.0, 2, 10)) == (0, 5)
+    for fraction in (-0.1, 1.01):
+        with pytest.raises(ValueError, match="a budget fraction is in"):
+            step_reaching(fraction, 2, 10)

@@ -108,6 +108,15 @@ def fraction_spent(step: int, views: int, budget: int) -> float:
     return step * views / budget
 
 
+def step_reaching(fraction: float, views: int, budget: int) -> int:
+    """The first optimiser step before which ``fraction`` of the budget is spent (``fraction_spent``'s
+    inverse, rounded up): where a run that is measured at ``fraction`` stops."""
+    steps = steps_for_budget(budget, views)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"a budget fraction is in [0, 1], got {fraction!r}")
+    return next(step for step in range(steps + 1) if fraction_spent(step, views, budget) >= fraction)
+
+
 # --------------------------------------------------------------------------------------------
 # the reference's schedules, counted in its optimiser steps
 

@@ -7,9 +7,9 @@ import copy
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +17,12 @@ import torch
 from mvsdi.config import RunConfig
 from mvsdi.distill import Distiller, Model, train
 from mvsdi.images import to_uint8
-from mvsdi.schedules import fraction_spent
+from mvsdi.memory import available_bytes, estimate_view_memory
+from mvsdi.schedules import step_reaching
 from mvsdi.testbed.metrics import evaluate_renders, render_views
-from mvsdi.testbed.prior import IdealDenoiserPrior
+from mvsdi.testbed.prior import CHUNK_BYTES, IdealDenoiserPrior
 from mvsdi.testbed.scenes import ConstantBackground
-from mvsdi.testbed.settings import BASELINE, METHODS, METRICS, SMALL, Method, StudySettings, cell_config
+from mvsdi.testbed.settings import BASELINE, METHODS, SMALL, Method, StudySettings, cell_config
 from mvsdi.variance import compare_estimators
 
 
@@ -47,7 +48,7 @@ def run_cell(prior: IdealDenoiserPrior, config: RunConfig, fractions: tuple[floa
     started, calls_before = time.perf_counter(), prior.counters.calls  # the prior is shared by all cells
     status = "completed"
     for fraction in (*sorted(set(fractions) | set(snapshot_at)), None):  # None: the end of the run
-        target = config.steps if fraction is None else step_reached(fraction, config)
+        target = config.steps if fraction is None else step_reaching(fraction, config.views, config.budget)
         if status != "diverged" and distiller.counters.steps < target:
             status = train(distiller, until_step=target).status
         if fraction in snapshot_at:
@@ -63,12 +64,6 @@ def run_cell(prior: IdealDenoiserPrior, config: RunConfig, fractions: tuple[floa
     if rendered_at != distiller.counters.steps:  # the turntable shows the end of the run
         renders, _ = metric_renders(distiller, config)
     return CellResult(rows, np.stack([to_uint8(x.permute(1, 2, 0)) for x in renders]), snapshots)
-
-
-def step_reached(fraction: float, config: RunConfig) -> int:
-    """The first optimiser step at which ``fraction`` of the cell's budget has been spent."""
-    return next(step for step in range(config.steps + 1)
-                if fraction_spent(step, config.views, config.budget) >= fraction)
 
 
 def metric_renders(distiller: Distiller, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,11 +138,23 @@ def study_tasks(settings: StudySettings) -> list[CellTask]:
     return tasks
 
 
-def _expected_cost(task: CellTask) -> float:
-    """A rough relative cost, to start the longest cells first (SDI's inversion ≈ 2 SDS evaluations)."""
+def study_blocks(settings: StudySettings) -> list[tuple[str, int]]:
+    """The study's blocks, (scene, seed), in the order they run: every scene of the first seed,
+    then every scene of the next, so that a study cut by its time limit still covers the scenes.
+    A block holds every guidance, budget and method of its scene and seed (and its initial field):
+    each paired comparison against K1 lies within one block."""
+    return [(scene, seed) for seed in settings.seeds for scene in settings.scenes]
+
+
+def expected_cost(task: CellTask, settings: StudySettings) -> float:
+    """A relative cost in guidance evaluations (SDI's inversion ≈ 2 SDS evaluations; the variance
+    meter's draws counted), to start the longest cells first and to scale the measured cost of
+    finished cells to cells not yet run. The initial field (one metric pass) counts as nothing."""
     if task.method is None:
         return 0.0
-    return task.budget * (2.0 if task.guidance == "sdi" else 1.0) * (10.0 if task.measures_variance else 1.0)
+    meter = (len(settings.variance_fractions) * settings.variance_repeats
+             * sum(m.views for m in settings.method_list if m.aggregation == "mean")) if task.measures_variance else 0
+    return (task.budget + meter) * (2.0 if task.guidance == "sdi" else 1.0)
 
 
 # the state of a worker process (or of the study's own process when it runs the cells itself)
@@ -181,54 +188,133 @@ def _run_task(task: CellTask) -> dict[str, Any]:
             "seconds": time.perf_counter() - started}
 
 
-def default_workers(device: torch.device) -> int:
-    """One worker per CPU core the process may use on the CPU; one on a GPU unless asked."""
-    if device.type != "cpu":
+# Concurrent cells on one GPU. Each is small (a 64² field, one view at a time), so several
+# processes share the device: while one runs Python between kernels, another's kernels run.
+# How many is bounded by the CPU cores (each worker's Python is one core's work) and by memory: a
+# worker holds its own CUDA context (GPU_CONTEXT_BYTES, a stated allowance: about 0.5 GiB is
+# typical), its copy of the prior and a chunk of its working memory (prior.CHUNK_BYTES), and
+# the cell's training view (mvsdi.memory's measured estimate). No speed is claimed for any count:
+# benchmarks/testbed_cost.py --device cuda --workers N measures it.
+GPU_CONTEXT_BYTES = 2**30
+MAX_GPU_WORKERS = 16
+
+
+def default_workers(device: torch.device, settings: StudySettings | None = None,
+                    prior: IdealDenoiserPrior | None = None) -> int:
+    """One worker per CPU core the process may use on the CPU. On a GPU: as many as fit its free
+    memory (``gpu_workers``, given the settings and prior to probe a cell), at most one per core
+    and ``MAX_GPU_WORKERS``; one without them."""
+    cores = _cores()
+    if device.type == "cpu":
+        return cores
+    if settings is None or prior is None or device.type != "cuda":
         return 1
+    return gpu_workers(available_bytes(device), worker_gpu_bytes(settings, prior, device), cores)
+
+
+def _cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
 
 
-def run_tasks(tasks: list[CellTask], settings: StudySettings, prior: IdealDenoiserPrior, device: torch.device,
-               workers: int, say: Callable[[str], None], start_method: str | None = None) -> list[dict[str, Any]]:
-    """Every task's result, in the order of ``tasks``: in this process, or in ``workers`` processes,
-    started by ``start_method``: by default forked on the CPU, where they share the prior's memory,
-    and spawned on a GPU, where a forked CUDA context is unusable (spawned workers get the prior's
-    images, and know only the scenes registered when mvsdi.testbed.scenes is imported)."""
-    order = sorted(range(len(tasks)), key=lambda i: -_expected_cost(tasks[i]))
-    results: list[dict[str, Any] | None] = [None] * len(tasks)
-    done = 0
+def gpu_workers(free_bytes: int | None, per_worker_bytes: int, cores: int) -> int:
+    """Workers that share one GPU: what its free memory holds, one per CPU core at most (the
+    study's own process waits on them), and at most ``MAX_GPU_WORKERS``; at least one."""
+    fit = MAX_GPU_WORKERS if free_bytes is None else free_bytes // max(per_worker_bytes, 1)
+    return int(max(1, min(fit, cores, MAX_GPU_WORKERS)))
 
-    def finished(i: int, result: dict[str, Any]) -> None:
-        nonlocal done
-        results[i], done = result, done + 1
-        last = result["rows"][-1]
-        say(f"[{done}/{len(tasks)}] {tasks[i].label()}: " + ", ".join(f"{m} {last[m]:.3f}" for m in METRICS)
-            + (f" ({result['seconds']:.0f} s)" if tasks[i].method else ""))
 
-    if workers <= 1:
-        threads = torch.get_num_threads()
-        try:
-            _start_worker(settings, prior, device)
-            for i in order:
-                finished(i, _run_task(tasks[i]))
-        finally:
-            torch.set_num_threads(threads)
+def worker_gpu_bytes(settings: StudySettings, prior: IdealDenoiserPrior, device: torch.device) -> int:
+    """A worker's GPU memory: ``GPU_CONTEXT_BYTES``, the prior's tensors, one chunk of its working
+    memory, and the largest peak of a training view over the study's methods (mvsdi.memory)."""
+    prior_bytes = sum(t.nbytes for t in vars(prior).values() if isinstance(t, torch.Tensor))
+    views = []
+    for method in settings.method_list:
+        config = cell_config(settings, settings.guidances[0], method, settings.scenes[0], settings.seeds[0])
+        views.append(estimate_view_memory(Distiller(config, prior, Model.create(config, device), device)).peak_bytes)
+    return GPU_CONTEXT_BYTES + prior_bytes + CHUNK_BYTES + max(views)
+
+
+class CellPool:
+    """Runs ``CellTask``s, submitted in batches, and hands back each result as it finishes: in
+    this process (``workers`` <= 1, longest queued task first), or in ``workers`` processes started
+    by ``start_method``: by default forked on the CPU, where they share the prior's memory, and
+    spawned on a GPU, where a forked CUDA context is unusable (spawned workers get the prior's
+    images, and know only the scenes registered when mvsdi.testbed.scenes is imported). Each
+    batch is submitted longest first (``expected_cost``)."""
+
+    def __init__(self, settings: StudySettings, prior: IdealDenoiserPrior, device: torch.device, workers: int,
+                 start_method: str | None = None):
+        self.settings, self.prior, self.device, self.workers = settings, prior, device, workers
+        self.start_method = start_method or ("fork" if device.type == "cpu" else "spawn")
+        self._queued: list[tuple[int, CellTask]] = []  # in-process
+        self._futures: dict[Future, int] = {}  # in worker processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._threads = torch.get_num_threads()
+
+    def __enter__(self) -> CellPool:
+        if self.workers <= 1:
+            _start_worker(self.settings, self.prior, self.device)
+            return self
+        shared = (self.prior if self.start_method == "fork"
+                  else {n: self.prior.references(n).cpu() for n in self.prior.scene_names})
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(self.start_method),
+                                         initializer=_start_worker, initargs=(self.settings, shared, self.device))
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self._pool is None:
+            torch.set_num_threads(self._threads)
             _WORKER.clear()
-        return results
-    start_method = start_method or ("fork" if device.type == "cpu" else "spawn")
-    shared = prior if start_method == "fork" else {n: prior.references(n).cpu() for n in prior.scene_names}
-    context = multiprocessing.get_context(start_method)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(settings, shared, device)) as pool:
-        futures = {pool.submit(_run_task, tasks[i]): i for i in order}
-        try:
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    return results
+            return
+        self._pool.shutdown(wait=error is None, cancel_futures=True)
 
+    @property
+    def outstanding(self) -> int:
+        """Tasks submitted and not yet handed back."""
+        return len(self._queued) + len(self._futures)
+
+    def submit(self, tasks: list[tuple[int, CellTask]]) -> None:
+        """Queue ``(key, task)`` pairs."""
+        batch = sorted(tasks, key=lambda item: -expected_cost(item[1], self.settings))
+        if self._pool is None:
+            self._queued = sorted(self._queued + batch, key=lambda item: -expected_cost(item[1], self.settings))
+            return
+        self._futures |= {self._pool.submit(_run_task, task): key for key, task in batch}
+
+    def next_finished(self) -> tuple[int, dict[str, Any]]:
+        """(key, result) of a task that finished (in this process: run the longest queued one now)."""
+        if self._pool is None:
+            key, task = self._queued.pop(0)
+            return key, _run_task(task)
+        future = next(iter(wait(self._futures, return_when=FIRST_COMPLETED).done))
+        return self._futures.pop(future), future.result()
+
+
+@dataclass
+class Deadline:
+    """Whether another block of cells fits before ``end`` (a ``time.perf_counter`` time: the time
+    limit less the reserve for the tables, plots and turntables), predicted from what the finished
+    cells cost: seconds per unit of ``expected_cost``, measured in the workers (so under the same
+    sharing of the cores or GPU as the cells to come)."""
+    end: float
+    workers: int
+    seconds: float = 0.0  # of the finished cells
+    cost: float = 0.0  # their expected cost
+
+    def record(self, cost: float, seconds: float) -> None:
+        if cost > 0:
+            self.seconds, self.cost = self.seconds + seconds, self.cost + cost
+
+    def fits(self, now: float, outstanding: list[float], block: list[float]) -> bool:
+        """Whether ``block``'s cells (expected costs), queued behind the ``outstanding`` ones, end by
+        ``end``. Their span is bounded as a list schedule on ``workers`` machines is (Graham):
+        total / workers + (1 − 1/workers) · longest; the outstanding cells count whole (some have
+        run a while: the bound errs late). Before any cell has finished nothing is measured: no."""
+        if self.cost == 0:
+            return False
+        work = [c * self.seconds / self.cost for c in (*outstanding, *block)]
+        span = sum(work) / self.workers + (1 - 1 / self.workers) * max(work)
+        return now + span <= self.end

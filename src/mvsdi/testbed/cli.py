@@ -53,7 +53,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "the ratios' 95%% intervals need R >= 3; 0: no variance)")
     p.add_argument("--device", help="cpu, cuda, auto")
     p.add_argument("--workers", type=int, help="processes that run cells side by side (default: one per CPU core "
-                   "on the CPU, one on a GPU); the results do not depend on it")
+                   "on the CPU; on a GPU, as many as its free memory holds, at most one per core and 16); the "
+                   "results do not depend on it")
+    p.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="wall-clock limit of the study: cells run in blocks of one scene and seed (every method and "
+                   "guidance), scenes first, and a block starts only when the cost measured so far says it ends in "
+                   "time; a study cut by the limit writes the tables of its complete blocks and exits 0 "
+                   "(default: none; --full: 8; 0: none)")
     p.add_argument("--out", type=Path, default=Path("runs/testbed"),
                    help="the study folder: tables, plots and GIFs (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
@@ -100,6 +106,10 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
         changes["variance_repeats"] = args.variance_repeats
     if args.device:
         changes["device"] = args.device
+    if args.time_limit is not None:
+        if not args.time_limit >= 0:
+            raise ValueError(f"--time-limit {args.time_limit:g}: give minutes, at least 0 (0: no limit)")
+        changes["time_limit_minutes"] = args.time_limit or None
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers}: give at least 1")
     return dataclasses.replace(settings, **changes)
@@ -147,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
         result = _study(args)
         print((args.out / "table.md").read_text())
         print(f"study written to {args.out} in {result['seconds']:.0f} s")
+        blocks = result.get("blocks", {})
+        if blocks.get("stopped_by_time_limit"):
+            print(f"the time limit stopped the study after {blocks['ran']} of {blocks['of']} blocks (scene × seed); "
+                  "its tables and verdicts are over those blocks. A larger --time-limit runs more of them.")
         return 0
 
     return run_command(study_and_say, name="mvsdi testbed",

@@ -40,7 +40,7 @@ from diffusers import DDIMScheduler
 from torch import Tensor
 
 from mvsdi.atomic_files import atomic_torch_save
-from mvsdi.cameras import CameraRanges, sample_views
+from mvsdi.cameras import Cameras, CameraRanges, sample_views
 from mvsdi.priors.base import NetworkCounters
 from mvsdi.priors.tiny import SCHEDULER_CONFIG, cache_root
 from mvsdi.testbed import scenes as sc
@@ -106,15 +106,18 @@ def _sha256(images: Tensor) -> str:
     return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
 
 
-def render_references(scene: sc.Scene, count: int, size: int, seed: int, ranges: CameraRanges) -> Tensor:
-    """[count, 3, size, size] uint8 truth renders from ``count`` random training cameras.
+def reference_cameras(count: int, seed: int = 0, ranges: CameraRanges = TESTBED_CAMERAS) -> Cameras:
+    """The cameras of the ``count`` reference renders: random training cameras of ``ranges``, without
+    their position, centre and up jitter. The references play the images a text-to-image model
+    makes, objects centred and upright; the jitter is the renderer's augmentation, not part of what
+    the prior knows (and off-centre references would make the view metrics match by position
+    instead of by shape)."""
+    return sample_views("random", count, torch.Generator().manual_seed(seed), ranges.unperturbed())
 
-    Without the training cameras' position, centre and up jitter: the references play the images a
-    text-to-image model makes, objects centred and upright; the jitter is the renderer's
-    augmentation, not part of what the prior knows (and off-centre references would make the view
-    metrics match by position instead of by shape)."""
-    cameras = sample_views("random", count, torch.Generator().manual_seed(seed), ranges.unperturbed())
-    images = sc.render_truth(scene, cameras, size)
+
+def render_references(scene: sc.Scene, count: int, size: int, seed: int, ranges: CameraRanges) -> Tensor:
+    """[count, 3, size, size] uint8 truth renders from ``reference_cameras``."""
+    images = sc.render_truth(scene, reference_cameras(count, seed, ranges), size)
     return (images * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 

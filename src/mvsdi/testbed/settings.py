@@ -7,6 +7,7 @@ ideal-denoiser prior (``cell_config``), its metrics taken at fractions of its bu
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from mvsdi.aggregation import AggregationConfig
@@ -59,6 +60,7 @@ class StudySettings:
     field: FieldConfig = FieldConfig(n_levels=8, log2_table_size=16, base_resolution=8, per_level_scale=1.5)
     device: str = "cpu"
     methods: tuple[str, ...] = SMALL_METHODS  # names in METHODS_BY_NAME; the first is the baseline (K1)
+    time_limit_minutes: float | None = None  # wall-clock limit of the whole study (study.run_study); None: none
 
     @property
     def budget(self) -> int:
@@ -87,7 +89,8 @@ BUDGET_AXIS = StudySettings(scenes=("mug", "duck"), seeds=(0, 1), budgets=(100, 
                             fractions=(1.0,), variance_repeats=0, methods=("K1", "K2-antipodal", "K4-antipodal"))
 FULL = StudySettings(scenes=("mug", "snowman", "chair", "house", "duck", "car", "lamp", "penguin"), seeds=(0, 1, 2),
                      budgets=(2000,), image_size=64, references=256, samples_per_ray=64,
-                     fractions=(0.1, 0.25, 0.5, 0.75, 1.0), variance_repeats=32, field=FieldConfig(), device="cuda")
+                     fractions=(0.1, 0.25, 0.5, 0.75, 1.0), variance_repeats=32, field=FieldConfig(), device="cuda",
+                     time_limit_minutes=8.0)
 SETTINGS = {"small": SMALL, "medium": MEDIUM, "budgets": BUDGET_AXIS, "full": FULL}
 
 # the method every paired difference is taken against
@@ -128,6 +131,22 @@ def cell_config(settings: StudySettings, guidance: str, method: Method, scene: s
         schedules=Schedules(shading=ShadingSchedule(ambient_only_until=1.0), weights=weights))
 
 
+# The reserve kept after the last block for what a study writes once its cells are done (truth
+# renders, tables, plots, turntables: run_study's "output_seconds"). Measured for the full setting
+# (16 turntables of 7 panels, 3,456 result rows) on the 2-core development VM, shared with other
+# jobs, one thread, 2026-12-07: 55.9 s = truth renders 4.0 + tables and plots 1.9 + turntables
+# 50.0 (GIF encoding). The reserve is 1.5 × a fixed part plus a part per turntable fitted to that.
+OUTPUT_SECONDS_FIXED = 2.0
+OUTPUT_SECONDS_PER_TURNTABLE = 3.5
+RESERVE_FACTOR = 1.5
+
+
+def output_reserve_seconds(settings: StudySettings) -> float:
+    """Seconds a time-limited study keeps for its outputs after the last block."""
+    turntables = len(settings.guidances) * len(settings.scenes)
+    return RESERVE_FACTOR * (OUTPUT_SECONDS_FIXED + OUTPUT_SECONDS_PER_TURNTABLE * turntables)
+
+
 def check_settings(settings: StudySettings) -> None:
     """Every bad setting is a ValueError here, before any work is done or any folder made."""
     for scene in settings.scenes:
@@ -150,4 +169,9 @@ def check_settings(settings: StudySettings) -> None:
         raise ValueError("metric and variance fractions must lie in [0, 1] (fractions of the budget spent)")
     if settings.variance_repeats == 1 or settings.variance_repeats < 0:
         raise ValueError("variance repeats must be 0 (no variance) or >= 2 (a variance needs two draws)")
+    limit = settings.time_limit_minutes
+    if limit is not None and not (math.isfinite(limit) and 60.0 * limit >= output_reserve_seconds(settings)):
+        raise ValueError(f"time limit {limit:g} min: give at least {output_reserve_seconds(settings) / 60:.2f} min, "
+                         f"the {output_reserve_seconds(settings):.0f} s this study keeps for its tables, plots and "
+                         "turntables (or 0 for no limit)")
 

@@ -154,8 +154,12 @@ def variance_markdown(variance: list[dict[str, Any]]) -> str:
 
 
 def study_markdown(table: list[dict[str, Any]], variance: list[dict[str, Any]], settings: StudySettings,
-                   equal_steps: list[dict[str, Any]] = ()) -> str:
+                   equal_steps: list[dict[str, Any]] = (), coverage: str | None = None) -> str:
+    """The tables; ``coverage`` (a study with a time limit: how many blocks ran, why it stopped) first."""
     text = table_markdown(table) + ("\n" + equal_steps_markdown(equal_steps) if equal_steps else "")
+    if coverage:
+        text = (f"Blocks that ran: {coverage}. Every table and verdict below is over the complete blocks "
+                "only.\n\n" + text)
     if not variance:
         return text
     scenes = ", ".join(sorted({v["scene"] for v in variance}))

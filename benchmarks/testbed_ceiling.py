@@ -1,0 +1,130 @@
+"""What the testbed's field can reach at a study's size, and whether the truth is a fixed point of
+distillation (issue 15: why the reconstructions stay soft).
+
+For one scene and one study setting it measures, with the study's own metrics (``testbed.cells.measure``):
+
+1. the initial blob;
+2. the **ceiling**: the study's field fitted directly to the scene's reference images at their own
+   cameras (L2, Adam, one random reference per step, the study's render size and samples per ray).
+   No distillation can give the field more of the truth than this fit does, so a metric that the
+   fit cannot raise is bounded by the field, the renderer or the metric, not by the method;
+3. the **fixed point**: distillation (SDS or SDI, K=1) started from that fit, measured along the
+   run. If the truth were a fixed point of the distillation, the metrics would stay at the ceiling;
+4. the same distillation from the blob, the study's cell.
+
+    python benchmarks/testbed_ceiling.py --scene mug --setting small --budget 400
+    python benchmarks/testbed_ceiling.py --scene mug --setting small --samples-per-ray 64
+
+Prints a markdown table and writes it with the raw rows as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mvsdi.distill import Distiller, Model, train
+from mvsdi.render import render
+from mvsdi.schedules import step_reaching
+from mvsdi.testbed.cells import measure
+from mvsdi.testbed.prior import IdealDenoiserPrior, reference_cameras
+from mvsdi.testbed.scenes import ConstantBackground
+from mvsdi.testbed.settings import METHODS_BY_NAME, SETTINGS, cell_config
+
+METRICS = ("iou", "psnr", "r_precision", "janus", "mean_opacity")
+
+
+def fit_to_references(model: Model, prior: IdealDenoiserPrior, scene: str, samples_per_ray: int, steps: int,
+                      lr: float = 0.01, seed: int = 1) -> None:
+    """Fit ``model``'s field to the scene's references at their cameras (L2 on the albedo renders)."""
+    images = prior.references(scene)
+    cameras = reference_cameras(len(images))  # the prior's references were rendered from these
+    optimiser = torch.optim.Adam(model.field.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-15)
+    generator = torch.Generator().manual_seed(seed)
+    size = prior.image_size
+    for _ in range(steps):
+        i = int(torch.randint(0, len(images), (1,), generator=generator))
+        out = render(model.field, ConstantBackground(), cameras[i:i + 1], size, size, n_samples=samples_per_ray,
+                     shading="albedo", perturb=True, generator=generator, need_normals=False)
+        loss = (out.rgb.permute(0, 3, 1, 2) - images[i:i + 1]).square().mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+
+def distil(distiller: Distiller, prior: IdealDenoiserPrior, fractions: tuple[float, ...], label: str) -> list[dict]:
+    rows = []
+    for fraction in fractions:
+        train(distiller, until_step=step_reaching(fraction, distiller.config.views,
+                                                        distiller.config.budget))
+        rows.append(_row(label, distiller, prior, fraction))
+    return rows
+
+
+def _row(label: str, distiller: Distiller, prior: IdealDenoiserPrior, fraction: float) -> dict:
+    metrics, _ = measure(distiller, prior, distiller.config, fraction)
+    row = {"field": label, "fraction": fraction, **{m: metrics[m] for m in METRICS}}
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| field | budget fraction | 3D IoU | aligned PSNR | R-precision | Janus | mean opacity |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['field']} | {r['fraction']:.2f} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scene", default="mug")
+    p.add_argument("--setting", default="small", choices=list(SETTINGS))
+    p.add_argument("--guidance", default="sds", choices=("sds", "sdi"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, default=400, help="guidance evaluations of each distillation")
+    p.add_argument("--samples-per-ray", type=int, help="default: the setting's")
+    p.add_argument("--fit-steps", type=int, default=500)
+    p.add_argument("--fractions", default="0.25,0.5,1", help="where the distillations are measured")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("/tmp/testbed_ceiling"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = SETTINGS[args.setting]
+    if args.samples_per_ray:
+        settings = dataclasses.replace(settings, samples_per_ray=args.samples_per_ray)
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    prior = IdealDenoiserPrior(n_references=settings.references, image_size=settings.image_size, device=device)
+    config = cell_config(settings, args.guidance, METHODS_BY_NAME["K1"], args.scene, args.seed, args.budget)
+
+    from_blob = Distiller(config, prior, Model.create(config, device), device)
+    rows = [_row("initial blob", from_blob, prior, 0.0)]
+    fitted = Model.create(config, device)
+    fit_to_references(fitted, prior, args.scene, settings.samples_per_ray, args.fit_steps)
+    from_fit = Distiller(config, prior, fitted, device)
+    rows.append(_row(f"direct fit, {args.fit_steps} steps (ceiling)", from_fit, prior, 0.0))
+    rows += distil(from_fit, prior, fractions, f"{args.guidance.upper()} K1 from the fit")
+    rows += distil(from_blob, prior, fractions, f"{args.guidance.upper()} K1 from the blob")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    head = (f"scene {args.scene}, setting {args.setting} ({settings.image_size}², {settings.samples_per_ray} samples "
+            f"per ray, {settings.references} references), seed {args.seed}, budget {args.budget}; "
+            f"{time.perf_counter() - started:.0f} s")
+    (args.out / "ceiling.md").write_text(f"{head}\n\n{table}\n")
+    (args.out / "ceiling.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "rows": rows}, indent=1))
+    print(f"\n{head}\n\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
