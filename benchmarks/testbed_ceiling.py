@@ -14,6 +14,9 @@ For one scene and one study setting it measures, with the study's own metrics (`
 
     python benchmarks/testbed_ceiling.py --scene mug --setting small --budget 400
     python benchmarks/testbed_ceiling.py --scene mug --setting small --samples-per-ray 64
+    python benchmarks/testbed_ceiling.py --budget 200 --start fit --set guidance.t_max=0.2
+
+``--set PATH=VALUE`` changes the distillation's config as ``mvsdi generate --set`` does.
 
 Prints a markdown table and writes it with the raw rows as JSON to --out.
 """
@@ -29,7 +32,9 @@ from pathlib import Path
 
 import torch
 
+from mvsdi.config import apply_settings
 from mvsdi.distill import Distiller, Model, train
+from mvsdi.overrides import parse_assignment
 from mvsdi.render import render
 from mvsdi.schedules import step_reaching
 from mvsdi.testbed.cells import measure
@@ -90,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=400, help="guidance evaluations of each distillation")
     p.add_argument("--samples-per-ray", type=int, help="default: the setting's")
+    p.add_argument("--image-size", type=int, help="renders and references, pixels a side (default: the setting's)")
     p.add_argument("--fit-steps", type=int, default=500)
     p.add_argument("--fractions", default="0.25,0.5,1", help="where the distillations are measured")
+    p.add_argument("--start", choices=("both", "fit", "blob", "none"), default="both",
+                   help="which distillations to run (none: the blob and the fit only)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="settings",
+                   help="change the distillation's config by a dotted path (repeatable)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("/tmp/testbed_ceiling"))
     args = p.parse_args(argv)
@@ -99,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = SETTINGS[args.setting]
     if args.samples_per_ray:
         settings = dataclasses.replace(settings, samples_per_ray=args.samples_per_ray)
+    if args.image_size:
+        settings = dataclasses.replace(settings, image_size=args.image_size)
     fractions = tuple(float(f) for f in args.fractions.split(","))
     device = torch.device("cpu")
     started = time.perf_counter()
     prior = IdealDenoiserPrior(n_references=settings.references, image_size=settings.image_size, device=device)
     config = cell_config(settings, args.guidance, METHODS_BY_NAME["K1"], args.scene, args.seed, args.budget)
+    config = apply_settings(config, dict(parse_assignment(text) for text in args.settings))
 
     from_blob = Distiller(config, prior, Model.create(config, device), device)
     rows = [_row("initial blob", from_blob, prior, 0.0)]
@@ -111,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     fit_to_references(fitted, prior, args.scene, settings.samples_per_ray, args.fit_steps)
     from_fit = Distiller(config, prior, fitted, device)
     rows.append(_row(f"direct fit, {args.fit_steps} steps (ceiling)", from_fit, prior, 0.0))
-    rows += distil(from_fit, prior, fractions, f"{args.guidance.upper()} K1 from the fit")
-    rows += distil(from_blob, prior, fractions, f"{args.guidance.upper()} K1 from the blob")
+    changed = "".join(f", {text}" for text in args.settings)
+    if args.start in ("both", "fit"):
+        rows += distil(from_fit, prior, fractions, f"{args.guidance.upper()} K1 from the fit{changed}")
+    if args.start in ("both", "blob"):
+        rows += distil(from_blob, prior, fractions, f"{args.guidance.upper()} K1 from the blob{changed}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
