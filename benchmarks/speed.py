@@ -33,12 +33,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from mvsdi.atomic_files import atomic_write_json
 from mvsdi.config import preset
 from mvsdi.distill import Distiller, Model
 from mvsdi.field import Field, FieldConfig
 from mvsdi.models import load_prior
 from mvsdi.priors.loading import resolve_device
-from mvsdi.atomic_files import atomic_write_json
 
 RUN_BUDGET = 10_000
 PARTS = ("render", "vae_encode", "unet", "backward", "optimiser")

@@ -17,8 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import torch  # noqa: E402
 
-from mvsdi.testbed.prior import IdealDenoiserPrior  # noqa: E402
 from mvsdi.testbed.cells import run_cell  # noqa: E402
+from mvsdi.testbed.prior import IdealDenoiserPrior  # noqa: E402
 from mvsdi.testbed.settings import METHODS, SMALL, cell_config  # noqa: E402
 
 CELLS = (("sds", "K1"), ("sds", "K2-antipodal"), ("sdi", "K1"), ("sdi", "K2-antipodal"))

@@ -35,8 +35,8 @@ import torch  # noqa: E402
 
 from mvsdi.distill import Distiller, Model  # noqa: E402
 from mvsdi.testbed import prior as prior_module  # noqa: E402
-from mvsdi.testbed.prior import IdealDenoiserPrior  # noqa: E402
 from mvsdi.testbed.cells import measure, study_blocks  # noqa: E402
+from mvsdi.testbed.prior import IdealDenoiserPrior  # noqa: E402
 from mvsdi.testbed.settings import FULL, MEDIUM, cell_config, output_reserve_seconds  # noqa: E402
 
 

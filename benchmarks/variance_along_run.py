@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from mvsdi.testbed.prior import IdealDenoiserPrior
 from mvsdi.testbed.cells import run_cell, variance_rows
+from mvsdi.testbed.prior import IdealDenoiserPrior
 from mvsdi.testbed.settings import METHODS, SMALL, cell_config
 
 

@@ -22,8 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from mvsdi.testbed.prior import IdealDenoiserPrior  # noqa: E402
 from mvsdi.testbed.cells import run_cell, variance_rows  # noqa: E402
+from mvsdi.testbed.prior import IdealDenoiserPrior  # noqa: E402
 from mvsdi.testbed.settings import METHODS, SMALL, cell_config  # noqa: E402
 from mvsdi.testbed.tables import variance_markdown  # noqa: E402
 

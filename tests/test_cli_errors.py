@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mvsdi import cli
-from mvsdi.priors.loading import resolve_device
 from mvsdi.atomic_files import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from mvsdi.priors.loading import resolve_device
 from mvsdi.rundir import RunDirectoryError, read_checkpoint
 
 # ------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import transformers
 from tqdm.auto import tqdm
 
 import mvsdi
+from mvsdi.atomic_files import atomic_write_bytes
 from mvsdi.cameras import evaluation_cameras
 from mvsdi.config import RunConfig, config_differences, execution_settings
 from mvsdi.distill import Distiller, Model, TrainResult, train
@@ -35,7 +36,6 @@ from mvsdi.models import load_prior
 from mvsdi.priors.loading import resolve_device
 from mvsdi.render import RenderOutput, render
 from mvsdi.run_state import Counters, evaluations_at_end, restore
-from mvsdi.atomic_files import atomic_write_bytes
 from mvsdi.rundir import TURNTABLE, VALIDATION, RunDirectory, RunDirectoryError, read_checkpoint
 from mvsdi.schedules import fraction_spent
 from mvsdi.step_record import StepRecord

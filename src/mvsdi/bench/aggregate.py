@@ -21,13 +21,13 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from mvsdi.atomic_files import atomic_write_bytes
 from mvsdi.bench.cells import CELL_METRICS, flatten_clip_metrics
 from mvsdi.bench.gallery import write_gallery
 from mvsdi.bench.matrix import BenchSpec, Cell, cells, redo_reason
 from mvsdi.bench.plots import metric_range, plot_bars, plot_scatter
 from mvsdi.bench.text import format_value, short_reason
 from mvsdi.config import is_ideal
-from mvsdi.atomic_files import atomic_write_bytes
 from mvsdi.rundir import SUMMARY, read_json
 from mvsdi.statistics import mean_interval
 

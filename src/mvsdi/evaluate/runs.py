@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import mvsdi
+from mvsdi.atomic_files import atomic_write_json
 from mvsdi.evaluate import clip_metrics as cm
 from mvsdi.evaluate import image_reward as ir
 from mvsdi.evaluate.convergence import write_convergence
@@ -24,7 +25,6 @@ from mvsdi.evaluate.divergence import Divergence, check_divergence, missing
 from mvsdi.evaluate.protocol import OURS, EvaluationProtocol, get_protocol, janus_positions
 from mvsdi.evaluate.reference_renders import find_or_render
 from mvsdi.evaluate.run_folder import Run, RunError, load_images, prompt_key, read_run, view_index
-from mvsdi.atomic_files import atomic_write_json
 from mvsdi.rundir import RENDERS
 
 METRICS_FILE = OURS.metrics_file  # the default protocol's; the reference's is metrics_reference.json

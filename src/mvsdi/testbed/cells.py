@@ -104,6 +104,7 @@ def variance_rows(settings: StudySettings, prior: IdealDenoiserPrior, guidance: 
                  for m, r in zip(methods, found)]
     return rows
 
+
 @dataclass(frozen=True)
 class CellTask:
     """One cell of the study, or (``method`` None) the initial field of a scene and seed."""
