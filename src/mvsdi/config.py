@@ -46,6 +46,7 @@ def is_ideal(model: str) -> bool:
     are measured against the truth (``mvsdi.models.load_prior`` builds it)."""
     return model == "ideal" or model.startswith("ideal:")
 
+
 DEFAULT_BUDGET = 10_000
 VIEW_BATCHING = ("auto", "batched", "sequential")
 # Renders smaller than 8 pixels a side run but carry no shape: the convexity regulariser compares

@@ -24,7 +24,6 @@ DONE_STATUSES = ("completed", "diverged")  # a run that reached its end; "interr
 OVERRIDES = ("budget", "resolution", "samples_per_ray", "eval_views", "eval_resolution", "model", "device")
 
 
-
 @dataclass(frozen=True)
 class BenchSpec:
     presets: tuple[str, ...]

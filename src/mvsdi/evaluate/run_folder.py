@@ -130,7 +130,6 @@ def view_index(path: Path) -> int:
     return int(_RENDER.match(path.name).group(1))
 
 
-
 def load_images(paths: Sequence[Path]) -> list[torch.Tensor]:
     """PNG files → [3, H, W] float tensors in [0, 1] (alpha dropped, grey expanded)."""
     images = []

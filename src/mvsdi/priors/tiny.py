@@ -40,7 +40,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("MVSDI_CACHE", "~/.cache/mvsdi")).expanduser()
 
 
-
 def character_vocab() -> dict[str, int]:
     """Start/end tokens, then each lowercase letter, digit and punctuation mark alone and word-final."""
     chars = string.ascii_lowercase + string.digits + string.punctuation
