@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-steps", type=int, default=500)
     p.add_argument("--fractions", default="0.25,0.5,1", help="where the distillations are measured")
     p.add_argument("--start", choices=("both", "fit", "blob", "none"), default="both",
-                   help="which distillations to run (none: the blob and the fit only)")
+                   help="which distillations to run (none: the blob and the fit only; blob: no fit)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="settings",
                    help="change the distillation's config by a dotted path (repeatable)")
     p.add_argument("--threads", type=int, default=1)
@@ -120,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from_blob = Distiller(config, prior, Model.create(config, device), device)
     rows = [_row("initial blob", from_blob, prior, 0.0)]
-    fitted = Model.create(config, device)
-    fit_to_references(fitted, prior, args.scene, settings.samples_per_ray, args.fit_steps)
-    from_fit = Distiller(config, prior, fitted, device)
-    rows.append(_row(f"direct fit, {args.fit_steps} steps (ceiling)", from_fit, prior, 0.0))
+    if args.start != "blob":  # the fit: the ceiling, and where "fit" starts
+        fitted = Model.create(config, device)
+        fit_to_references(fitted, prior, args.scene, settings.samples_per_ray, args.fit_steps)
+        from_fit = Distiller(config, prior, fitted, device)
+        rows.append(_row(f"direct fit, {args.fit_steps} steps (ceiling)", from_fit, prior, 0.0))
     changed = "".join(f", {text}" for text in args.settings)
     if args.start in ("both", "fit"):
         rows += distil(from_fit, prior, fractions, f"{args.guidance.upper()} K1 from the fit{changed}")
