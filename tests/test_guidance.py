@@ -57,6 +57,20 @@ def test_sdi_anneals_t_with_the_budget_fraction_and_sds_draws_it():
     assert min(ts) >= 20 and max(ts) <= 980 and len(set(ts)) > 500
 
 
+
+def test_sds_upper_end_falls_with_the_budget_fraction_when_asked():
+    cfg = SDSConfig(t_max=0.98, t_max_end=0.3)
+    assert cfg.upper(0.0) == 0.98 and cfg.upper(1.0) == pytest.approx(0.3) and cfg.upper(2.0) == pytest.approx(0.3)
+    assert cfg.upper(0.5) == pytest.approx(0.64)
+    assert SDSConfig().upper(0.9) == 0.98  # no anneal unless asked: the recorded runs stand
+    g = torch.Generator().manual_seed(0)
+    late = [timestep(cfg, 0.9, g, 1000) for _ in range(2000)]
+    assert min(late) >= 20 and max(late) <= int(cfg.upper(0.9) * 1000) and max(late) > 350
+    with pytest.raises(ValueError, match="t_max_end"):
+        SDSConfig(t_max_end=0.01)  # below t_min
+    with pytest.raises(ValueError, match="t_min"):
+        SDSConfig(t_min=0.5, t_max=0.4)
+
 def test_sdi_without_eta_matches_diffusers_inverse_ddim_then_a_hand_step():
     """The grid part of the walk is checked against diffusers' DDIMInverseScheduler (a separate
     implementation of the same maths); the last step to t' and x̂₀ are recomputed in float64."""

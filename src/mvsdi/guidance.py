@@ -39,8 +39,23 @@ class SDSConfig:
     guidance_scale: float = knob(100.0, "classifier-free guidance scale", flags=("--guidance-scale",))
     t_min: float = knob(0.02, "t ~ U[t_min, t_max]·T per view: lower end")
     t_max: float = knob(0.98, "t ~ U[t_min, t_max]·T per view: upper end")
+    # a falling upper end (threestudio's max-step anneal, here over the budget fraction) spends the late
+    # steps at small t; on the testbed it raised 3D IoU but brought back no detail (docs/testbed.md)
+    t_max_end: float | None = knob(None, "if set, t_max falls linearly to this over the budget (none: fixed)")
     weighting: Literal["sds", "uniform", "fantasia3d"] = knob("sds", "w(t) of the SDS gradient")
     kind: Literal["sds"] = knob("sds", "sds or sdi: fixed by the preset (start from one of the other kind to switch)")
+
+    def __post_init__(self) -> None:
+        top = self.t_max if self.t_max_end is None else min(self.t_max, self.t_max_end)
+        if not 0.0 <= self.t_min <= top < 1.0:
+            raise ValueError(f"SDS needs 0 <= t_min <= t_max (and t_max_end) < 1, got t_min={self.t_min}, "
+                             f"t_max={self.t_max}, t_max_end={self.t_max_end}")
+
+    def upper(self, fraction: float) -> float:
+        """The upper end of t's range after ``fraction`` of the budget."""
+        if self.t_max_end is None:
+            return self.t_max
+        return self.t_max + (self.t_max_end - self.t_max) * min(max(fraction, 0.0), 1.0)
 
 
 @dataclass(frozen=True)
@@ -75,13 +90,14 @@ def timestep(cfg: GuidanceConfig, fraction: float, generator: torch.Generator, n
     """A view's diffusion time t (an integer label), a function of the budget fraction spent.
 
     SDS draws t uniformly (integers, inclusive) for each view, as the reference does in every
-    guidance call: a t shared by the K views of a step would make their gradients correlated.
+    guidance call: a t shared by the K views of a step would make their gradients correlated; its
+    upper end may fall with the fraction (``t_max_end``), the same for every K.
     SDI anneals it deterministically, so K=1, 2, 4 see the same t at the same budget fraction;
     without the anneal it draws t per view like SDS, over [t_end, t_start].
     """
     T = num_train_timesteps
     if isinstance(cfg, SDSConfig) or not cfg.t_anneal:
-        lo, hi = (cfg.t_min, cfg.t_max) if isinstance(cfg, SDSConfig) else (cfg.t_end, cfg.t_start)
+        lo, hi = (cfg.t_min, cfg.upper(fraction)) if isinstance(cfg, SDSConfig) else (cfg.t_end, cfg.t_start)
         return int(torch.randint(int(lo * T), int(hi * T) + 1, (1,), generator=generator).item())
     progress = min(max(fraction / cfg.t_anneal_span, 0.0), 1.0)
     return int((cfg.t_start + (cfg.t_end - cfg.t_start) * progress) * T)
