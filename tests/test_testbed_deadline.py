@@ -1,5 +1,6 @@
 """A testbed study under a time limit: blocks of one scene and seed, scenes first, a block started
-only when it is predicted to end in time; a cut study is a sized result (exit 0), not a failure."""
+only when it is predicted to end in time; a cut study is a sized result (exit 0), not a failure.
+A study stopped by Ctrl-C keeps its complete blocks (exit 130)."""
 
 import dataclasses
 import json
@@ -132,3 +133,57 @@ def test_a_workers_gpu_memory_counts_its_context_prior_chunk_and_training_view()
     images = sum(len(prior.references(n)) for n in prior.scene_names) * 3 * 16 * 16 * 4  # float32
     assert found > GPU_CONTEXT_BYTES + CHUNK_BYTES + images
     assert found < GPU_CONTEXT_BYTES + CHUNK_BYTES + 2**28  # a 16² cell and prior: well under 256 MiB more
+
+
+def interrupt_after_the_first_block(monkeypatch):
+    """Ctrl-C right after the first block's results.jsonl is written (the study's outputs follow)."""
+    real = study_module.atomic_write_bytes
+    pressed = []
+
+    def write_then_interrupt(path, data):
+        real(path, data)
+        if path.name == "results.jsonl" and not pressed:
+            pressed.append(path)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_module, "atomic_write_bytes", write_then_interrupt)
+    monkeypatch.setattr(testbed_cli, "settings_from_args", lambda args: TWO_BLOCKS)
+
+
+def test_ctrl_c_after_a_block_keeps_its_results_and_tables(tmp_path, monkeypatch, capsys):
+    interrupt_after_the_first_block(monkeypatch)
+    out = tmp_path / "study"
+    assert main(["testbed", "--out", str(out), "--workers", "1"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted after 1 of 2 blocks (scene × seed): their results, tables and turntables are in {out}" in err
+    assert len({(r["scene"], r["seed"]) for r in rows_of(out)}) == 1
+    assert {r["method"] for r in rows_of(out)} == {"K1", "K2-antipodal"}
+    assert (out / "table.md").read_text().startswith("Blocks that ran: interrupted (Ctrl-C): 1 of 2 blocks")
+    blocks = json.loads((out / "study.json").read_text())["blocks"]
+    assert blocks["interrupted"] and not blocks["stopped_by_time_limit"] and blocks["ran"] == 1
+    assert len(list(out.glob("turntable_*.gif"))) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
+
+
+def test_ctrl_c_after_a_block_does_not_replace_an_earlier_study(tmp_path, monkeypatch, capsys):
+    interrupt_after_the_first_block(monkeypatch)
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "table.md").write_text("old")
+    assert main(["testbed", "--out", str(out), "--workers", "1", "--overwrite"]) == 130
+    staged = tmp_path / ".study.partial"
+    assert f"their results and tables are in {staged}; {out} was left as it was" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["table.md"] and (out / "table.md").read_text() == "old"
+    assert (staged / "table.md").read_text().startswith("Blocks that ran: interrupted (Ctrl-C): 1 of 2 blocks")
+
+
+def test_ctrl_c_before_any_block_completes_keeps_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(testbed_cli, "settings_from_args", lambda args: TWO_BLOCKS)
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_module, "_say_finished", interrupt)
+    assert main(["testbed", "--out", str(tmp_path / "study"), "--workers", "1"]) == 130
+    assert "the partial study is discarded" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -128,6 +128,8 @@ def test_summary_statistics():
     assert table["K1"]["psnr_verdict"] == "baseline"
     text = table_markdown(summarise(rows))
     assert "| sds | 8 | K2-antipodal | 2 |" in text and "+1.000 ± 0.000 **better**" in text and "**n.d.**" in text
+    alone = table_markdown(summarise([r for r in rows if r["method"] == "K1"]))
+    assert "| sds | 8 | K1 |" in alone and "Paired differences" not in alone  # no empty table for K1 alone
 
 
 def test_variance_ratios_combine_over_scenes_as_a_geometric_mean_with_their_bootstrap_errors():

@@ -270,6 +270,8 @@ class CellPool:
             torch.set_num_threads(self._threads)
             _WORKER.clear()
             return
+        if error is not None:  # Ctrl-C or a failure: no running cell's result is wanted any more
+            _stop_workers(self._pool)
         self._pool.shutdown(wait=error is None, cancel_futures=True)
 
     @property
@@ -292,6 +294,19 @@ class CellPool:
             return key, _run_task(task)
         future = next(iter(wait(self._futures, return_when=FIRST_COMPLETED).done))
         return self._futures.pop(future), future.result()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes. Without this a Ctrl-C left each worker running the
+    cell it had queued next (a worker survives the KeyboardInterrupt of its current call), and the
+    interpreter's exit waited for those cells: minutes in the medium study, an hour on the CPU at
+    the full size."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # the same, before 3.14
+        process.terminate()
 
 
 @dataclass

@@ -134,8 +134,13 @@ def open_study_folder(out: Path, overwrite: bool) -> RunDirectory:
     return RunDirectory(out, overwrite=overwrite)
 
 
-def _study(args: argparse.Namespace):
-    """Validate everything, then run the study in its staging folder and move it into place."""
+def _study(args: argparse.Namespace, said: dict[str, str]):
+    """Validate everything, then run the study in its staging folder and move it into place.
+
+    A study that Ctrl-C stopped after some blocks had completed (``run_study`` wrote their tables)
+    is moved into place too, unless ``args.out`` holds an earlier study, which a partial one must
+    not replace: it then stays in the staging folder. Either way ``said["interrupted"]`` says where
+    it is, and the command exits as interrupted."""
     settings = settings_from_args(args)
     check_settings(settings)
     resolve_device(settings.device)  # e.g. --device cuda without a GPU: before any folder is made
@@ -148,13 +153,26 @@ def _study(args: argparse.Namespace):
     except BaseException:
         folder.discard()  # the staging folder only: an earlier study at --out is untouched
         raise
-    folder.commit()
-    return result
+    blocks = result.get("blocks", {})
+    if not blocks.get("interrupted"):
+        folder.commit()
+        return result
+    done = f"interrupted after {blocks['ran']} of {blocks['of']} blocks (scene × seed)"
+    if args.out.is_dir() and any(args.out.iterdir()):
+        folder.close()
+        said["interrupted"] = (f"{done}: their results and tables are in {folder.path}; {args.out} was left as it "
+                               "was. The next study at this --out replaces that folder: move it away to keep it.")
+    else:
+        folder.commit()
+        said["interrupted"] = f"{done}: their results, tables and turntables are in {args.out}"
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
+    said = {"interrupted": f"interrupted; {args.out} was left as it was (the partial study is discarded)"}
+
     def study_and_say() -> int:
-        result = _study(args)
+        result = _study(args, said)
         print((args.out / "table.md").read_text())
         print(f"study written to {args.out} in {result['seconds']:.0f} s")
         blocks = result.get("blocks", {})
@@ -163,5 +181,4 @@ def run(args: argparse.Namespace) -> int:
                   "its tables and verdicts are over those blocks. A larger --time-limit runs more of them.")
         return 0
 
-    return run_command(study_and_say, name="mvsdi testbed",
-                       interrupted=f"interrupted; {args.out} was left as it was (the partial study is discarded)")
+    return run_command(study_and_say, name="mvsdi testbed", interrupted=lambda: said["interrupted"])

@@ -103,16 +103,13 @@ def run_study(settings: StudySettings, out: Path, progress: bool = True,
         + (f" (the first-seed K1 runs also measure the gradient variance of the methods at "
            f"{', '.join(f'{f:g}' for f in settings.variance_fractions)} of the run, "
            f"{settings.variance_repeats} draws each: the longest cells)" if settings.variance_repeats else "") + " ...")
-    found, ran = _run_blocks(tasks, settings, prior, device, workers, start_method, started, say, out)
+    found, ran, interrupted = _run_blocks(tasks, settings, prior, device, workers, start_method, started, say, out)
     blocks = study_blocks(settings)
-    coverage = None
-    if settings.time_limit_minutes:
-        coverage = (f"time limit: {len(ran)} of {len(blocks)} blocks" if len(ran) < len(blocks)
-                    else f"all {len(blocks)} blocks within the time limit")
-        coverage += f" ({settings.time_limit_minutes:g} min; a block: one scene and seed, every method and guidance)"
+    coverage = _coverage(settings, len(ran), len(blocks), interrupted)
+    if coverage:
         say(coverage)
     results, variance = _assembled(tasks, found, ran)
-    _say_variance_coverage(tasks, ran, settings, say)
+    _say_variance_coverage(tasks, ran, settings, say, "the interruption" if interrupted else "the time limit")
     say("writing tables, plots and turntables ...")
     written = time.perf_counter()
     frames, captions = _turntable_frames(tasks, found, ran, settings)
@@ -122,23 +119,38 @@ def run_study(settings: StudySettings, out: Path, progress: bool = True,
     meta = {"settings": dataclasses.asdict(settings), "seconds": time.perf_counter() - started,
             "output_seconds": time.perf_counter() - written, "workers": workers, "machine": platform.platform(),
             "device": str(device), "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "blocks": {"ran": len(ran), "of": len(blocks), "stopped_by_time_limit": len(ran) < len(blocks),
-                       "coverage": coverage}}
+            "blocks": {"ran": len(ran), "of": len(blocks),
+                       "stopped_by_time_limit": len(ran) < len(blocks) and not interrupted,
+                       "interrupted": interrupted, "coverage": coverage}}
     atomic_write_json(out / "study.json", meta)
     return {"table": table, "variance": variance, **meta}
 
 
 Block = tuple[str, int]  # (scene, seed)
 
+BLOCK = "a block: one scene and seed, every method and guidance"
+
+
+def _coverage(settings: StudySettings, ran: int, of: int, interrupted: bool) -> str | None:
+    """The line above the tables when not every block may have run (None when the question does not arise)."""
+    if interrupted:
+        return f"interrupted (Ctrl-C): {ran} of {of} blocks ({BLOCK})"
+    if not settings.time_limit_minutes:
+        return None
+    said = f"time limit: {ran} of {of} blocks" if ran < of else f"all {of} blocks within the time limit"
+    return f"{said} ({settings.time_limit_minutes:g} min; {BLOCK})"
+
 
 def _run_blocks(tasks: list[CellTask], settings: StudySettings, prior: IdealDenoiserPrior, device: torch.device,
                 workers: int, start_method: str | None, started: float, say: Callable[[str], None],
-                out: Path) -> tuple[list[dict[str, Any] | None], list[Block]]:
-    """Every admitted task's result (None where its block was not started), and the complete
-    blocks in the order they completed. Without a time limit every block is submitted at once;
-    with one, a block is submitted when the workers are about to run out of queued cells and
-    ``Deadline.fits`` says it ends in time; the first block always starts (nothing is measured
-    before a cell finishes). results.jsonl is rewritten, in the study's order, as each block completes."""
+                out: Path) -> tuple[list[dict[str, Any] | None], list[Block], bool]:
+    """Every admitted task's result (None where its block was not started), the complete blocks in
+    the order they completed, and whether Ctrl-C stopped the cells. Without a time limit every block
+    is submitted at once; with one, a block is submitted when the workers are about to run out of
+    queued cells and ``Deadline.fits`` says it ends in time; the first block always starts (nothing
+    is measured before a cell finishes). results.jsonl is rewritten, in the study's order, as each
+    block completes. A Ctrl-C after a block has completed stops the workers and keeps the complete
+    blocks (the study's outputs are then written over them); before that, it propagates."""
     members: dict[Block, list[int]] = {}
     for i, task in enumerate(tasks):
         members.setdefault((task.scene, task.seed), []).append(i)
@@ -148,25 +160,30 @@ def _run_blocks(tasks: list[CellTask], settings: StudySettings, prior: IdealDeno
     found: list[dict[str, Any] | None] = [None] * len(tasks)
     left: dict[Block, int] = {}  # unfinished tasks of each admitted block
     ran: list[Block] = []
-    with CellPool(settings, prior, device, workers, start_method) as pool:
-        while True:
-            while waiting and (deadline is None or _admits(deadline, pool, waiting[0], tasks, members, found, left,
-                                                            settings)):
-                block = waiting.pop(0)
-                left[block] = len(members[block])
-                pool.submit([(i, tasks[i]) for i in members[block]])
-            if not pool.outstanding:
-                return found, ran
-            i, found[i] = pool.next_finished()
-            _say_finished(say, tasks[i], found[i], sum(r is not None for r in found), len(tasks))
-            if deadline is not None:
-                deadline.record(expected_cost(tasks[i], settings), found[i]["seconds"])
-            block = (tasks[i].scene, tasks[i].seed)
-            left[block] -= 1
-            if not left[block]:
-                ran.append(block)
-                results, _ = _assembled(tasks, found, ran)
-                atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())
+    try:
+        with CellPool(settings, prior, device, workers, start_method) as pool:
+            while True:
+                while waiting and (deadline is None or _admits(deadline, pool, waiting[0], tasks, members, found, left,
+                                                                settings)):
+                    block = waiting.pop(0)
+                    left[block] = len(members[block])
+                    pool.submit([(i, tasks[i]) for i in members[block]])
+                if not pool.outstanding:
+                    return found, ran, False
+                i, found[i] = pool.next_finished()
+                _say_finished(say, tasks[i], found[i], sum(r is not None for r in found), len(tasks))
+                if deadline is not None:
+                    deadline.record(expected_cost(tasks[i], settings), found[i]["seconds"])
+                block = (tasks[i].scene, tasks[i].seed)
+                left[block] -= 1
+                if not left[block]:
+                    ran.append(block)
+                    results, _ = _assembled(tasks, found, ran)
+                    atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results).encode())
+    except KeyboardInterrupt:  # the pool is shut down; its workers got the same Ctrl-C
+        if not ran:
+            raise
+        return found, ran, True
 
 
 def _admits(deadline: Deadline, pool: CellPool, block: Block, tasks: list[CellTask], members: dict[Block, list[int]],
@@ -207,13 +224,14 @@ def _assembled(tasks: list[CellTask], found: list[dict[str, Any] | None],
 
 
 def _say_variance_coverage(tasks: list[CellTask], ran: list[Block], settings: StudySettings,
-                           say: Callable[[str], None]) -> None:
-    """A line when the time limit left out some of the variance meter's runs (first seed's K1)."""
+                           say: Callable[[str], None], why: str) -> None:
+    """A line when ``why`` (the time limit, an interruption) left out some of the variance meter's
+    runs (first seed's K1)."""
     measured = {t.scene for t in tasks if t.measures_variance}
     kept = {t.scene for t in tasks if t.measures_variance and (t.scene, t.seed) in set(ran)}
     if measured and kept != measured:
         say(f"gradient variance: measured on {len(kept)} of {len(measured)} scenes "
-            f"({', '.join(sorted(kept)) or 'none'}); the time limit left out the blocks of the others' "
+            f"({', '.join(sorted(kept)) or 'none'}); {why} left out the blocks of the others' "
             f"first seed ({settings.seeds[0]})")
 
 

@@ -74,7 +74,7 @@ def _fmt(pair: tuple[float, float], signed: bool = False) -> str:
 
 def table_markdown(table: list[dict[str, Any]]) -> str:
     """Two tables: each metric's mean ± 95% interval; then the paired differences against K1 with
-    their verdicts (better / worse / n.d. = not distinguishable at 95%)."""
+    their verdicts (better / worse / n.d. = not distinguishable at 95%), unless K1 is the only method."""
     head = ["guidance", "budget", "method", "steps", "cells", "diverged", *METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
@@ -82,11 +82,14 @@ def table_markdown(table: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([row["guidance"], str(row["budget"]), row["method"], str(steps),
                                          str(row["cells"]), str(row["diverged"]),
                                          *(_fmt(row[m]) for m in METRICS)]) + " |")
+    others = [r for r in table if r["method"] != BASELINE]
+    if not others:  # K1 alone: nothing to pair
+        return "\n".join(lines) + "\n"
     head = ["guidance", "budget", "method", "pairs", *(f"Δ{m} vs K1" for m in METRICS)]
     lines += ["", "Paired differences against K1 (same guidance, budget, scene and seed), mean ± 95% t-interval "
               "over the pairs, and the verdict (Janus: lower is better):", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += _difference_rows([r for r in table if r["method"] != BASELINE], "budget")
+    lines += _difference_rows(others, "budget")
     return "\n".join(lines) + "\n"
 
 
