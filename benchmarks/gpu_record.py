@@ -33,13 +33,17 @@ no download; `--tiny`: the tiny stack and 16²/32² renders):
    timed by benchmarks/speed.py's `measure` (breakdown render / VAE / UNet / backward / optimiser,
    UNet calls and images per evaluation, peak GPU memory, projected 10,000-evaluation run), SDI
    first (the targets are SDI's); K > 1 uses the device's default targets (batched on CUDA);
-2. fast_paths, at the largest resolution, SDI K=2: view batching on / off, and `--fast-unet`
-   cuda_graph / compile (each a speed.py subprocess: a compile cannot be interrupted in-process,
-   a subprocess can be stopped at the deadline; the warm-up, compilation included, is recorded);
+2. fast_paths, at the largest resolution, SDI K=2: view batching on / off, `--fast-unet`
+   cuda_graph / compile, and the field compiled (`--field.compiled true`) or with its MLP in
+   bfloat16 (`--field.mlp_precision bfloat16`) (compile and field rows each a speed.py subprocess:
+   a compile cannot be interrupted in-process, a subprocess can be stopped at the deadline; the
+   warm-up, compilation included, is recorded);
 3. generate: `mvsdi generate` (benchmarks/generate_k.py's command) for K = 1 and K = 4, budget 40,
    at the paper's 512² and 64 samples; wall time and peak memory from each summary.json;
-4. testbed: `mvsdi testbed --full` only if its estimate fits the time left (it does not at the
-   default budget; the record says "skipped: time");
+4. testbed: the full setting's cost per cell with --testbed-workers cells sharing the GPU
+   (benchmarks/testbed_cost.py --setting full: the first --testbed-budget evaluations of each
+   method's cell, a metric pass, and the blocks `mvsdi testbed --full` fits in its 8 minutes),
+   if its estimate fits the time left;
 5. targets: (a) a 10,000-evaluation SDI run, 512², Perp-Neg, K=2 antipodal <= 20 min; (b) wall
    time per evaluation <= 2x its UNet time; (c) peak memory at K=4 <= 1.1x at K=1 — each
    "met", "not met" or "not measured".
@@ -81,6 +85,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 WHEEL_SITE = Path(tempfile.gettempdir()) / "mvsdi-wheels-site"
 SECTIONS = ("setup", "speed", "fast_paths", "generate", "testbed")
+FIELD_MODES = ("eager", "compiled", "bf16-mlp")  # the training field of a fast-path row
 # Each section must finish by this fraction of --budget-seconds; what one leaves unused flows to
 # the next. Generate at 512² is the real CLI path, so it keeps a third of the budget.
 DEADLINE_SHARE = {"speed": 0.45, "fast_paths": 0.6, "generate": 0.95, "testbed": 1.0}
@@ -118,10 +123,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    default=["cuda_graph", "compile"])
     p.add_argument("--compile-estimate-seconds", type=float, default=240.0,
                    help="expected torch.compile warm-up of the UNet (never measured before this run)")
+    p.add_argument("--field-modes", nargs="*", choices=FIELD_MODES[1:], default=list(FIELD_MODES[1:]),
+                   help="fast-path rows of the field: compiled (FieldConfig.compiled), bf16-mlp (mlp_precision)")
+    p.add_argument("--field-compile-estimate-seconds", type=float, default=90.0,
+                   help="expected torch.compile warm-up of the field (never measured on a GPU before this run)")
     p.add_argument("--generate-views", type=int, nargs="*", default=[1, 4])
     p.add_argument("--generate-budget", type=int, help="guidance evaluations per run (default 40; 4 with --tiny)")
     p.add_argument("--testbed-estimate-seconds", type=float,
-                   help="expected testbed time (default 1800 for --full; 600 for --tiny's small setting)")
+                   help="expected testbed time (default 300 for the full setting's cost; 600 for --tiny's study)")
+    p.add_argument("--testbed-workers", type=int, default=8, help="cells timed at once by testbed_cost.py")
+    p.add_argument("--testbed-budget", type=int, default=20, help="evaluations timed per cell by testbed_cost.py")
     p.add_argument("--skip", nargs="*", choices=SECTIONS[1:], default=[], help="sections not to run")
     p.add_argument("--fail-section", choices=SECTIONS, help="raise inside this section (tests the recording)")
     args = p.parse_args(argv)
@@ -136,7 +147,7 @@ def apply_defaults(args: argparse.Namespace) -> None:
     args.steps = args.steps or (1 if tiny else 2)
     args.samples_per_ray = args.samples_per_ray or (8 if tiny else 64)
     args.generate_budget = args.generate_budget or (4 if tiny else 40)
-    args.testbed_estimate_seconds = args.testbed_estimate_seconds or (600.0 if tiny else 1800.0)
+    args.testbed_estimate_seconds = args.testbed_estimate_seconds or (600.0 if tiny else 300.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,7 +454,8 @@ def unet_passes(images_per_evaluation: float, perp_neg: bool) -> float:
 
 def describe(row: dict[str, Any]) -> str:
     return (f"{row['guidance']} K={row['views']} {row['resolution']}² {row['targets']}"
-            + (f" fast-unet={row['fast_unet']}" if row.get("fast_unet", "off") != "off" else ""))
+            + (f" fast-unet={row['fast_unet']}" if row.get("fast_unet", "off") != "off" else "")
+            + (f" field={row['field_mode']}" if row.get("field_mode", "eager") != "eager" else ""))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,7 +479,8 @@ def predict_ms(row: dict[str, Any], resolution: int) -> float:
 
 def most_similar(rows: list[dict[str, Any]], guidance: str, views: int, resolution: int,
                  targets: str | None = None) -> dict[str, Any] | None:
-    same = [r for r in rows if r["guidance"] == guidance and r.get("fast_unet", "off") == "off"] or rows
+    same = [r for r in rows if r["guidance"] == guidance and r.get("fast_unet", "off") == "off"
+            and r.get("field_mode", "eager") == "eager"] or rows
     same = [r for r in same if r["views"] == views and targets in (None, r["targets"])] or same
     if not same:
         return None
@@ -493,20 +506,23 @@ def estimate_run_ms(session: Session, guidance: str, views: int, resolution: int
 # 2. fast paths at the largest resolution: view batching on/off, --fast-unet cuda_graph / compile
 
 def fast_path_plan(session: Session) -> list[dict[str, Any]]:
-    """Eager rows first, then the fast UNet modes: a failed CUDA-graph capture can leave this
-    process's CUDA context unusable, and everything after it runs in child processes."""
+    """Eager rows first, then the fast UNet modes, then the field's (compiled, bfloat16 MLP): a
+    failed CUDA-graph capture can leave this process's CUDA context unusable, and everything after
+    it runs in child processes."""
     resolution, default = max(session.args.resolutions), default_targets(session, 2)
-    rows = [{"guidance": "sdi", "views": 2, "resolution": resolution, "targets": t, "fast_unet": "off"}
-            for t in ("batched", "sequential")]
-    return rows + [{"guidance": "sdi", "views": 2, "resolution": resolution, "targets": default, "fast_unet": m}
-                   for m in session.args.fast_unet_modes]
+    base = {"guidance": "sdi", "views": 2, "resolution": resolution, "field_mode": "eager"}
+    rows = [{**base, "targets": t, "fast_unet": "off"} for t in ("batched", "sequential")]
+    rows += [{**base, "targets": default, "fast_unet": m} for m in session.args.fast_unet_modes]
+    return rows + [{**base, "targets": default, "fast_unet": "off", "field_mode": m} for m in session.args.field_modes]
 
 
 def fast_paths_section(session: Session, rec: dict) -> None:
     rec["rows"] = []
     for row in fast_path_plan(session):
         rec["rows"].append(row)
-        if row["fast_unet"] == "off":
+        if row["field_mode"] != "eager":
+            field_mode_row(session, row)
+        elif row["fast_unet"] == "off":
             reuse_or_measure(session, row)
         else:
             fast_unet_row(session, row)
@@ -544,14 +560,33 @@ def fast_unet_row(session: Session, row: dict[str, Any]) -> None:
     run_speed_subprocess(session, row, left)
 
 
+def field_mode_row(session: Session, row: dict[str, Any]) -> None:
+    """The field compiled, or its MLP in bfloat16, in a child process (a compilation cannot be
+    stopped in-process); the UNet eager, so the row differs from the eager one in the field only."""
+    left = session.clock.left("fast_paths")
+    base = estimate_measure(session, {**row, "field_mode": "eager"}, session.args.steps)
+    warmup = session.args.field_compile_estimate_seconds if row["field_mode"] == "compiled" else 0.0
+    estimate = (session.subprocess_overhead or FIRST_GUESS_S["cpu"]) + base + warmup
+    if estimate > left:
+        row["status"] = skipped_time(estimate, left)
+        log(f"{describe(row)}: {row['status']}")
+        return
+    row["steps"], row["estimate_seconds"] = session.args.steps, round(estimate, 1)
+    run_speed_subprocess(session, row, left)
+
+
+FIELD_FLAGS = {"eager": [], "compiled": ["--compiled-field"], "bf16-mlp": ["--mlp-precision", "bfloat16"]}
+
+
 def run_speed_subprocess(session: Session, row: dict[str, Any], timeout: float) -> None:
     """benchmarks/speed.py in a child process with --out JSON, stopped at the section's deadline."""
-    out = session.out / "fast_paths" / row["fast_unet"]
+    mode = row.get("field_mode", "eager")
+    out = session.out / "fast_paths" / (row["fast_unet"] if mode == "eager" else f"field-{mode}")
     cmd = [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--model", session.args.model,
            "--device", str(session.device), "--guidance", row["guidance"], "--views", str(row["views"]),
            "--resolutions", str(row["resolution"]), "--samples-per-ray", str(session.args.samples_per_ray),
            "--steps", str(row["steps"]), "--targets", row["targets"], "--fast-unet", row["fast_unet"],
-           "--field", session.section("setup").get("field", "small"), "--out", str(out)]
+           "--field", session.section("setup").get("field", "small"), *FIELD_FLAGS[mode], "--out", str(out)]
     result = run_bounded(cmd, timeout, out / "log.txt", session.env)
     row["child_seconds"] = result["seconds"]
     if not child_failed(row, "speed.py", result):
@@ -672,16 +707,23 @@ def generate_run(session: Session, run: dict[str, Any]) -> None:
 
 
 def testbed_command(session: Session, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "mvsdi.cli", "testbed", "--device", str(session.device), "--out", str(out)]
-    if session.args.tiny:  # the smallest study the CLI allows: one scene, SDS, budget 4
-        return [*cmd, "--scenes", "mug", "--budget", "4", "--guidance", "sds", "--variance-repeats", "2"]
-    return [*cmd, "--full"]
+    """On the device: the full setting's cost per cell with cells sharing the GPU (issue 15's missing
+    number; `mvsdi testbed --full` itself takes its 8-minute limit, more than this script has).
+    With --tiny: the smallest study the CLI allows (one scene, SDS, budget 4)."""
+    if session.args.tiny:
+        return [sys.executable, "-m", "mvsdi.cli", "testbed", "--device", str(session.device), "--out", str(out),
+                "--scenes", "mug", "--budget", "4", "--guidance", "sds", "--variance-repeats", "2"]
+    return [sys.executable, str(REPO / "benchmarks" / "testbed_cost.py"), "--setting", "full", "--device",
+            str(session.device), "--workers", str(session.args.testbed_workers), "--budget",
+            str(session.args.testbed_budget)]
 
 
 def testbed_section(session: Session, rec: dict) -> None:
     missing = missing_modules(session, "testbed")
     left, estimate = session.clock.left("testbed"), session.args.testbed_estimate_seconds
-    rec["setting"] = "small (one scene, SDS, budget 4)" if session.args.tiny else "--full"
+    rec["setting"] = ("small (one scene, SDS, budget 4)" if session.args.tiny else
+                      f"testbed_cost.py --setting full, {session.args.testbed_workers} workers, "
+                      f"{session.args.testbed_budget} evaluations per cell")
     if missing:
         rec["status"] = f"skipped: missing modules {missing}"
     elif estimate > left:
@@ -690,8 +732,8 @@ def testbed_section(session: Session, rec: dict) -> None:
         out = session.out / "testbed"
         result = run_bounded(testbed_command(session, out), left, session.out / "testbed.log", session.env)
         rec["wall_seconds"] = result["seconds"]
-        if not child_failed(rec, "mvsdi testbed", result):
-            rec["table"] = (out / "table.md").read_text()
+        if not child_failed(rec, "the testbed", result):
+            rec["table"] = (out / "table.md").read_text() if session.args.tiny else result["tail"]
     log(f"testbed ({rec['setting']}): {rec['status'] if rec['status'] != 'running' else 'done'}")
 
 
@@ -719,7 +761,8 @@ def verdict(value: float | None, limit: float) -> str:
 
 
 def setting_of(row: dict[str, Any]) -> str:
-    return f"SDI, Perp-Neg, K=2 antipodal, {row['resolution']}², targets {row['targets']}, fast-unet {row['fast_unet']}"
+    return (f"SDI, Perp-Neg, K=2 antipodal, {row['resolution']}², targets {row['targets']}, fast-unet "
+            f"{row['fast_unet']}, field {row.get('field_mode', 'eager')}")
 
 
 def target_a(best: dict[str, Any] | None, resolution: int) -> dict[str, Any]:
@@ -821,11 +864,12 @@ def speed_markdown(session: Session) -> list[str]:
 def fast_paths_markdown(session: Session) -> list[str]:
     rows = session.record["sections"].get("fast_paths", {}).get("rows", [])
     lines = ["", "## Fast paths (SDI, K=2, largest resolution)", "",
-             "| fast-unet | targets | ms / eval | UNet ms | total / UNet | UNet calls / eval | peak GiB | warm-up s "
-             "| 10k run (min) | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| fast-unet | field | targets | ms / eval | UNet ms | total / UNet | UNet calls / eval | peak GiB "
+             "| warm-up s | 10k run (min) | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         unet = row.get("breakdown_ms_per_evaluation", {}).get("unet")
-        lines.append(f"| {row['fast_unet']} | {row['targets']} | {fmt(row.get('ms_per_evaluation'))} | {fmt(unet)} | "
+        lines.append(f"| {row['fast_unet']} | {row.get('field_mode', 'eager')} | {row['targets']} | "
+                     f"{fmt(row.get('ms_per_evaluation'))} | {fmt(unet)} | "
                      f"{fmt(row.get('total_over_unet'), 2)} | {fmt(row.get('unet_calls_per_evaluation'), 2)} | "
                      f"{fmt(row.get('peak_memory_gib'), 2)} | {fmt(row.get('warmup_seconds'))} | "
                      f"{fmt(row.get('projected_10k_minutes'))} | {cell(row.get('status', ''))} |")

@@ -210,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fast-unet", choices=("off", "compile", "cuda_graph"), default="off")
     p.add_argument("--compiled-field", action="store_true", help="FieldConfig(compiled=True) for the training field")
     p.add_argument("--check-compiled-field", action="store_true", help="also compare the compiled field with eager")
+    p.add_argument("--mlp-precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="FieldConfig.mlp_precision for the training field (autocast of the MLP)")
     p.add_argument("--out", type=Path, default=Path("bench-out/speed"))
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     resolutions = args.resolutions or ([128, 256, 512] if cuda else [16, 32])
     samples = args.samples_per_ray or (64 if cuda else 16)
     field_cfg = FieldConfig() if (args.field or ("paper" if cuda else "small")) == "paper" else SMALL_FIELD
-    field_cfg = dataclasses.replace(field_cfg, compiled=args.compiled_field)
+    field_cfg = dataclasses.replace(field_cfg, compiled=args.compiled_field, mlp_precision=args.mlp_precision)
     prior = load_prior(args.model, device)
     if args.fast_unet != "off":
         prior.use_fast_unet(args.fast_unet)

@@ -21,7 +21,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_record.py"
 SECTIONS = ("setup", "speed", "fast_paths", "generate", "testbed")
 # the smallest run that still goes through every section's code
 TINY = ["--device", "cpu", "--tiny", "--resolutions", "16", "--guidance", "sdi", "--views", "1", "2",
-        "--generate-views", "1", "--compile-estimate-seconds", "100000", "--testbed-estimate-seconds", "100000"]
+        "--generate-views", "1", "--compile-estimate-seconds", "100000", "--testbed-estimate-seconds", "100000",
+        "--field-compile-estimate-seconds", "100000"]
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +60,17 @@ def test_the_cpu_tiny_run_records_every_section(tmp_path):
         assert row["unet_passes_per_evaluation"] > 1  # SDI inverts: several denoiser passes per evaluation
         assert row["peak_memory_gib"] is None  # no GPU
 
-    fast = {(r["fast_unet"], r["targets"]): r for r in sections["fast_paths"]["rows"]}
+    fast = {(r["fast_unet"], r["targets"]): r for r in sections["fast_paths"]["rows"] if r["field_mode"] == "eager"}
     assert fast["off", "sequential"]["source"] == "speed section"  # the CPU default: reused, not re-measured
     assert fast["off", "batched"]["status"] == "measured" and "source" not in fast["off", "batched"]
     assert fast["off", "batched"]["unet_calls_per_evaluation"] < fast["off", "sequential"]["unet_calls_per_evaluation"]
     assert fast["cuda_graph", "sequential"]["status"] == "skipped: needs CUDA"
     assert fast["compile", "sequential"]["status"].startswith("skipped: time")
+    field = {r["field_mode"]: r for r in sections["fast_paths"]["rows"] if r["field_mode"] != "eager"}
+    assert field["compiled"]["status"].startswith("skipped: time")  # its warm-up estimate is set out of reach
+    assert field["bf16-mlp"]["status"] == "measured" and field["bf16-mlp"]["ms_per_evaluation"] > 0
+    assert (out / "fast_paths" / "field-bf16-mlp" / "speed.json").is_file()
+    assert "| off | bf16-mlp | sequential |" in (out / "gpu_record.md").read_text()
 
     (run,) = sections["generate"]["runs"]
     assert run["status"] == "measured" and run["views"] == 1 and run["guidance_evaluations"] == 4
@@ -72,7 +78,8 @@ def test_the_cpu_tiny_run_records_every_section(tmp_path):
 
     targets = record["targets"]
     assert targets["a_10k_run_minutes"]["status"] in ("met", "not met")
-    fastest = min(r["projected_10k_minutes"] for r in (fast["off", "batched"], fast["off", "sequential"]))
+    fastest = min(r["projected_10k_minutes"] for r in (fast["off", "batched"], fast["off", "sequential"],
+                                                        field["bf16-mlp"]))
     assert targets["a_10k_run_minutes"]["value_minutes"] == pytest.approx(fastest)
     assert targets["b_wall_over_unet"]["status"] in ("met", "not met")
     assert targets["c_memory_k4_over_k1"]["status"] == "not measured"  # no GPU, and K=4 was left out
@@ -90,7 +97,7 @@ def test_a_too_small_budget_skips_everything_rather_than_crashing(gpu_record, tm
     sections = read(out)["sections"]
     assert sections["setup"]["status"] == "done"
     rows = sections["speed"]["rows"] + sections["fast_paths"]["rows"] + sections["generate"]["runs"]
-    assert len(rows) == 4 + 4 + 1
+    assert len(rows) == 4 + 4 + 2 + 1  # speed, fast paths of the UNet and of the field, generate
     assert all(r["status"].startswith("skipped:") for r in rows)
     assert sum(r["status"].startswith("skipped: time") for r in rows) == len(rows) - 1  # and cuda_graph: no CUDA
     assert all(sections[s]["status"].startswith("skipped: time") for s in SECTIONS[1:])
@@ -100,7 +107,8 @@ def test_a_too_small_budget_skips_everything_rather_than_crashing(gpu_record, tm
 
 def test_a_failing_section_is_recorded_and_the_later_sections_still_run(gpu_record, tmp_path, capsys):
     out = tmp_path / "record"
-    argv = [*TINY, "--views", "2", "--fast-unet-modes", "--skip", "generate", "testbed", "--fail-section", "speed",
+    argv = [*TINY, "--views", "2", "--fast-unet-modes", "--field-modes", "--skip", "generate", "testbed",
+            "--fail-section", "speed",
             "--budget-seconds", "200", "--out", str(out)]
     assert gpu_record.main(argv) == 0
     sections = read(out)["sections"]
@@ -245,3 +253,13 @@ def test_targets_say_met_not_met_or_not_measured(gpu_record, tmp_path):
                                                     {"views": 4, "status": "measured", "peak_gpu_memory_gib": 12.0}]}
     c = gpu_record.evaluate_targets(slow)["c_memory_k4_over_k1"]
     assert c["status"] == "not met" and c["source"] == "mvsdi generate runs"
+
+
+def test_the_device_testbed_section_measures_the_full_settings_cost(gpu_record):
+    """`mvsdi testbed --full` takes its 8-minute limit; the record asks for its cost per cell instead."""
+    from types import SimpleNamespace
+
+    session = SimpleNamespace(args=gpu_record.parse_args(["--device", "cuda"]), device="cuda")
+    cmd = gpu_record.testbed_command(session, Path("unused"))
+    assert Path(cmd[1]) == ROOT / "benchmarks" / "testbed_cost.py"
+    assert cmd[2:] == ["--setting", "full", "--device", "cuda", "--workers", "8", "--budget", "20"]
