@@ -196,32 +196,30 @@ def main(argv: list[str] | None = None) -> int:
     config = cell_config(settings, args.guidance, METHODS_BY_NAME["K1"], args.scene, args.seed, args.budget)
     config = apply_settings(config, dict(parse_assignment(text) for text in args.settings))
 
-    nearest = []
+    nearest, strips = [], []  # per field: where its views snap (--nearest), and its four views
 
-    strips = []
-
-    def look_up(field: torch.nn.Module, label: str) -> None:
+    def record_field(field: torch.nn.Module, label: str) -> None:
         strips.append(view_strip(field, settings.image_size))
         if args.nearest:
             nearest.extend(nearest_references(field, prior, args.scene, label))
 
-    look_up(SceneField(get_scene(args.scene)), "truth")
+    record_field(SceneField(get_scene(args.scene)), "truth")
     from_blob = Distiller(config, prior, Model.create(config, device), device)
     rows = [_row("initial blob", from_blob, prior, 0.0)]
-    look_up(from_blob.model.field, "initial blob")
+    record_field(from_blob.model.field, "initial blob")
     if args.start != "blob":  # the fit: the ceiling, and where "fit" starts
         fitted = Model.create(config, device)
         fit_to_references(fitted, prior, args.scene, settings.samples_per_ray, args.fit_steps)
         from_fit = Distiller(config, prior, fitted, device)
         rows.append(_row(f"direct fit, {args.fit_steps} steps (ceiling)", from_fit, prior, 0.0))
-        look_up(fitted.field, rows[-1]["field"])
+        record_field(fitted.field, rows[-1]["field"])
     changed = "".join(f", {text}" for text in args.settings)
     if args.start in ("both", "fit"):
         rows += distil(from_fit, prior, fractions, f"{args.guidance.upper()} K1 from the fit{changed}")
-        look_up(from_fit.model.field, rows[-1]["field"])
+        record_field(from_fit.model.field, rows[-1]["field"])
     if args.start in ("both", "blob"):
         rows += distil(from_blob, prior, fractions, f"{args.guidance.upper()} K1 from the blob{changed}")
-        look_up(from_blob.model.field, rows[-1]["field"])
+        record_field(from_blob.model.field, rows[-1]["field"])
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows) + (f"\n\nWhere the exact denoiser sends each field's renders:\n\n{nearest_markdown(nearest)}"
