@@ -54,7 +54,7 @@ def test_a_limit_that_admits_one_block_runs_one_and_says_so(tmp_path, monkeypatc
     assert any("gradient variance: measured on 1 of 2 scenes (mug)" in m for m in log)
     assert {v["scene"] for v in json.loads((out / "variance.json").read_text())} == {"mug"}
     assert json.loads((out / "study.json").read_text())["blocks"] | {"coverage": None} == {
-        "ran": 1, "of": 2, "stopped_by_time_limit": True, "coverage": None}
+        "ran": 1, "of": 2, "stopped_by_time_limit": True, "interrupted": False, "coverage": None}
     assert sorted(p.name for p in out.glob("turntable_*.gif")) == ["turntable_sds_mug.gif"]
 
 
