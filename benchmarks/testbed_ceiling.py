@@ -50,12 +50,15 @@ from mvsdi.overrides import parse_assignment
 from mvsdi.render import render
 from mvsdi.schedules import step_reaching
 from mvsdi.testbed.cells import measure
-from mvsdi.testbed.metrics import render_views
+from mvsdi.testbed.metrics import occupancy_overlap, render_views
 from mvsdi.testbed.prior import TESTBED_CAMERAS, IdealDenoiserPrior, reference_cameras
 from mvsdi.testbed.scenes import ConstantBackground, SceneField, get_scene
 from mvsdi.testbed.settings import METHODS_BY_NAME, SETTINGS, cell_config
 
 METRICS = ("iou", "psnr", "r_precision", "janus", "mean_opacity")
+# where the IoU's misses are: the share of the field's occupied voxels inside the truth (low: it
+# overfills) and of the truth's inside the field (low: it underfills), at the IoU's rotation
+OVERLAP = ("field_in_truth", "truth_in_field")
 NEAREST_T = (0.05, 0.2)  # fractions of T where the dominant reference is looked up
 QUARTERS = ("front", "left", "back", "right")  # azimuths within 45° of 0, 90, 180, −90 (the scene's +x is its front)
 
@@ -150,16 +153,19 @@ def distil(distiller: Distiller, prior: IdealDenoiserPrior, fractions: tuple[flo
 
 def _row(label: str, distiller: Distiller, prior: IdealDenoiserPrior, fraction: float) -> dict:
     metrics, _ = measure(distiller, prior, distiller.config, fraction)
-    row = {"field": label, "fraction": fraction, **{m: metrics[m] for m in METRICS}}
+    both, field_only, truth_only = occupancy_overlap(distiller.model.field, distiller.config.prompt,
+                                                     metrics["rotation_deg"])
+    row = {"field": label, "fraction": fraction, **{m: metrics[m] for m in METRICS},
+           "field_in_truth": both / max(both + field_only, 1), "truth_in_field": both / max(both + truth_only, 1)}
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| field | budget fraction | 3D IoU | aligned PSNR | R-precision | Janus | mean opacity |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['field']} | {r['fraction']:.2f} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |"
-              for r in rows]
+    lines = ["| field | budget fraction | 3D IoU | aligned PSNR | R-precision | Janus | mean opacity "
+             "| field's voxels in the truth | truth's voxels in the field |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['field']} | {r['fraction']:.2f} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS + OVERLAP)
+              + " |" for r in rows]
     return "\n".join(lines)
 
 

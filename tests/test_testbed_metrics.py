@@ -59,6 +59,20 @@ def test_iou_3d():
     assert iou_3d(turned, "car", 0.0, resolution=32) < iou_3d(turned, "car", 36.0, resolution=32) - 0.1
 
 
+def test_occupancy_overlap_says_whether_a_field_overfills_or_underfills():
+    from mvsdi.testbed import sdf
+    from mvsdi.testbed.metrics import occupancy_overlap
+    from mvsdi.testbed.scenes import Scene
+
+    ball = SceneField(Scene.from_parts("ball", "a ball around everything", [(sdf.sphere(0.95), (1.0, 1.0, 1.0))]))
+    both, ball_only, duck_only = occupancy_overlap(ball, "duck", resolution=32)
+    assert duck_only == 0 and ball_only > both > 0  # every duck voxel is inside the ball, which holds far more
+    assert iou_3d(ball, "duck", resolution=32) == both / (both + ball_only)
+    both, field_only, truth_only = occupancy_overlap(SceneField(SCENES["duck"]), "duck", resolution=32)
+    # the truth's own density is soft within ~1e-3 outside its surface: only voxel centres there differ
+    assert truth_only == 0 and field_only <= 0.03 * both
+
+
 def test_janus_score(truth):
     azimuth = evaluation_cameras(50).azimuth_deg
     assert janus_score(truth, truth) == 0.0

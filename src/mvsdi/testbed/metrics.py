@@ -130,9 +130,10 @@ def _truth_occupancy(scene: Scene, bound: float, resolution: int, chunk: int) ->
 
 
 @torch.no_grad()
-def iou_3d(field: nn.Module, scene: Scene | str, rotation_deg: float = 0.0, resolution: int = 64,
-           chunk: int = 2 ** 18, threshold: float = OCCUPANCY_DENSITY) -> float:
-    """Occupancy IoU on a resolution³ grid of voxel centres over the field's cube.
+def occupancy_overlap(field: nn.Module, scene: Scene | str, rotation_deg: float = 0.0, resolution: int = 64,
+                      chunk: int = 2 ** 18, threshold: float = OCCUPANCY_DENSITY) -> tuple[int, int, int]:
+    """Voxels (both, the field's only, the truth's only) on a resolution³ grid of voxel centres
+    over the field's cube.
 
     The truth is occupied where sdf < 0; the field where density > ``threshold``. The field is compared as the
     truth turned by ``rotation_deg``: truth point y is looked up in the field at R(θ) y.
@@ -141,12 +142,21 @@ def iou_3d(field: nn.Module, scene: Scene | str, rotation_deg: float = 0.0, reso
     device = next(iter(field.parameters()), torch.empty(0)).device
     bound = float(field.cfg.bound)
     grid, inside = _voxel_centres(bound, resolution), _truth_occupancy(scene, bound, resolution, chunk)
-    both = either = 0
+    both = field_only = truth_only = 0
     for points, truth in zip(grid.split(chunk), inside.split(chunk)):
         points, truth = points.to(device), truth.to(device)
         occupied = field(rotate_points_z(points, rotation_deg))[0] > threshold
         both += int((truth & occupied).sum())
-        either += int((truth | occupied).sum())
+        field_only += int((occupied & ~truth).sum())
+        truth_only += int((truth & ~occupied).sum())
+    return both, field_only, truth_only
+
+
+def iou_3d(field: nn.Module, scene: Scene | str, rotation_deg: float = 0.0, resolution: int = 64,
+           chunk: int = 2 ** 18, threshold: float = OCCUPANCY_DENSITY) -> float:
+    """Occupancy IoU (``occupancy_overlap``): voxels occupied in both over voxels occupied in either."""
+    both, field_only, truth_only = occupancy_overlap(field, scene, rotation_deg, resolution, chunk, threshold)
+    either = both + field_only + truth_only
     return both / either if either else 1.0
 
 
