@@ -549,24 +549,22 @@ def fast_unet_row(session: Session, row: dict[str, Any]) -> None:
             row["status"] = "skipped: needs CUDA"
             log(f"{describe(row)}: {row['status']}")
         return
-    left = session.clock.left("fast_paths")
-    base = estimate_measure(session, {**row, "fast_unet": "off"}, session.args.steps)
-    estimate = (session.subprocess_overhead or FIRST_GUESS_S["cpu"]) + base + session.args.compile_estimate_seconds
-    if estimate > left:
-        row["status"] = skipped_time(estimate, left)
-        log(f"{describe(row)}: {row['status']}")
-        return
-    row["steps"], row["estimate_seconds"] = session.args.steps, round(estimate, 1)
-    run_speed_subprocess(session, row, left)
+    speed_child_row(session, row, {**row, "fast_unet": "off"}, session.args.compile_estimate_seconds)
 
 
 def field_mode_row(session: Session, row: dict[str, Any]) -> None:
     """The field compiled, or its MLP in bfloat16, in a child process (a compilation cannot be
     stopped in-process); the UNet eager, so the row differs from the eager one in the field only."""
-    left = session.clock.left("fast_paths")
-    base = estimate_measure(session, {**row, "field_mode": "eager"}, session.args.steps)
     warmup = session.args.field_compile_estimate_seconds if row["field_mode"] == "compiled" else 0.0
-    estimate = (session.subprocess_overhead or FIRST_GUESS_S["cpu"]) + base + warmup
+    speed_child_row(session, row, {**row, "field_mode": "eager"}, warmup)
+
+
+def speed_child_row(session: Session, row: dict[str, Any], eager: dict[str, Any], warmup: float) -> None:
+    """``row`` by speed.py in a child process, if its estimate fits the section's time left: the
+    ``eager`` configuration's measurement, a child's start-up and the expected ``warmup``."""
+    left = session.clock.left("fast_paths")
+    estimate = ((session.subprocess_overhead or FIRST_GUESS_S["cpu"])
+                + estimate_measure(session, eager, session.args.steps) + warmup)
     if estimate > left:
         row["status"] = skipped_time(estimate, left)
         log(f"{describe(row)}: {row['status']}")
