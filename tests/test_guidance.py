@@ -68,6 +68,8 @@ def test_sds_upper_end_falls_with_the_budget_fraction_when_asked():
     assert min(late) >= 20 and max(late) <= int(cfg.upper(0.9) * 1000) and max(late) > 350
     with pytest.raises(ValueError, match="t_max_end"):
         SDSConfig(t_max_end=0.01)  # below t_min
+    with pytest.raises(ValueError, match="t_max_end"):
+        SDSConfig(t_max_end=1.5)  # past T
     with pytest.raises(ValueError, match="t_min"):
         SDSConfig(t_min=0.5, t_max=0.4)
 

@@ -46,9 +46,9 @@ class SDSConfig:
     kind: Literal["sds"] = knob("sds", "sds or sdi: fixed by the preset (start from one of the other kind to switch)")
 
     def __post_init__(self) -> None:
-        top = self.t_max if self.t_max_end is None else min(self.t_max, self.t_max_end)
-        if not 0.0 <= self.t_min <= top < 1.0:
-            raise ValueError(f"SDS needs 0 <= t_min <= t_max (and t_max_end) < 1, got t_min={self.t_min}, "
+        ends = (self.t_max,) if self.t_max_end is None else (self.t_max, self.t_max_end)
+        if not all(0.0 <= self.t_min <= top < 1.0 for top in ends):
+            raise ValueError(f"SDS needs 0 <= t_min <= t_max < 1 (and t_max_end likewise), got t_min={self.t_min}, "
                              f"t_max={self.t_max}, t_max_end={self.t_max_end}")
 
     def upper(self, fraction: float) -> float:
