@@ -85,7 +85,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 WHEEL_SITE = Path(tempfile.gettempdir()) / "mvsdi-wheels-site"
 SECTIONS = ("setup", "speed", "fast_paths", "generate", "testbed")
-FIELD_MODES = ("eager", "compiled", "bf16-mlp")  # the training field of a fast-path row
+# the training field of a fast-path row, and speed.py's flags for it (the first: the default field)
+FIELD_FLAGS = {"eager": [], "compiled": ["--compiled-field"], "bf16-mlp": ["--mlp-precision", "bfloat16"]}
+FIELD_MODES = tuple(FIELD_FLAGS)
 # Each section must finish by this fraction of --budget-seconds; what one leaves unused flows to
 # the next. Generate at 512² is the real CLI path, so it keeps a third of the budget.
 DEADLINE_SHARE = {"speed": 0.45, "fast_paths": 0.6, "generate": 0.95, "testbed": 1.0}
@@ -571,9 +573,6 @@ def speed_child_row(session: Session, row: dict[str, Any], eager: dict[str, Any]
         return
     row["steps"], row["estimate_seconds"] = session.args.steps, round(estimate, 1)
     run_speed_subprocess(session, row, left)
-
-
-FIELD_FLAGS = {"eager": [], "compiled": ["--compiled-field"], "bf16-mlp": ["--mlp-precision", "bfloat16"]}
 
 
 def run_speed_subprocess(session: Session, row: dict[str, Any], timeout: float) -> None:
